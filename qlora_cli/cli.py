@@ -138,12 +138,21 @@ def train(
     set_: Optional[List[str]] = SetOption,
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in output.dir."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output.dir."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Train with N processes on this machine (re-launches through torchrun; one per GPU)."),
 ) -> None:
     """Fine-tune a LoRA/QLoRA adapter as the recipe says; saves a PEFT adapter, recipe.yaml and metrics.json."""
     from qlora_cli.config import load_recipe
     from qlora_cli.train import run_training
 
     config = load_recipe(recipe, set_)
+    if nproc is not None and nproc > 1:
+        from qlora_cli import distributed
+        from qlora_cli.train import preflight
+
+        distributed.check_nproc(nproc)
+        preflight(config, resume, force, distributed.World(rank=0, local_rank=0, size=nproc))  # fail here, not in N processes
+        argv = ["train", str(recipe), *(f"--set={item}" for item in set_ or []), *(["--resume"] if resume else []), *(["--force"] if force else [])]
+        raise typer.Exit(distributed.relaunch(nproc, argv))
 
     def on_ready(info: dict) -> None:
         shown = {k: v for k, v in info.items() if k not in ("data", "resumed_from")}
@@ -154,6 +163,8 @@ def train(
         out.print(_kv_table("qlora train", shown))
 
     result = run_training(config, resume=resume, force=force, on_ready=on_ready)
+    if not result.is_main:
+        raise typer.Exit(130 if result.interrupted else 0)
     metrics = result.metrics
     if result.interrupted:
         err.print(f"[yellow]stopped at step {metrics['global_step']}; checkpoint saved. Continue with:[/] qlora train {recipe} --resume")

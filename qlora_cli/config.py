@@ -43,8 +43,8 @@ class QuantizationSection(_Section):
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: NormalFloat4 (QLoRA's) or FP4.")
     double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (saves ~0.37 bit/param).")
     compute_dtype: DType = Field("auto", description="Dtype the 4-bit weights are dequantized to for matmuls; auto follows model.dtype.")
-    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
-        "uint8", description="Storage dtype of packed 4-bit weights (FSDP-QLoRA needs it equal to the compute dtype)."
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Storage dtype of packed 4-bit weights; auto = uint8, or the compute dtype under FSDP (which FSDP-QLoRA needs)."
     )
 
 
@@ -120,6 +120,14 @@ class TrainSection(_Section):
     eval_steps: Optional[int] = Field(None, gt=0, description="Evaluate every N steps (needs eval data); default: at the end only.")
     save_steps: int = Field(100, gt=0, description="Write a checkpoint every N steps.")
     report_to: list[Literal["none", "tensorboard", "wandb"]] = Field(["none"], description="Experiment trackers fed by the Trainer.")
+    compile: bool = Field(
+        False,
+        description="torch.compile the model (GPU, long runs): compilation costs minutes up front; off by default (on this project's 2-core CPU one step did not finish compiling in 20 min).",
+    )
+    loss_kernel: Literal["auto", "chunked", "liger", "standard"] = Field(
+        "auto",
+        description="Cross-entropy over the vocabulary: chunked (never builds fp32 logits for all tokens), liger (fused, CUDA), standard (full logits); auto picks the best the model allows.",
+    )
 
     @model_validator(mode="after")
     def _none_alone(self):
@@ -133,6 +141,26 @@ class OutputSection(_Section):
     save_total_limit: int = Field(2, gt=0, description="Checkpoints to keep (oldest are deleted).")
 
 
+class DistributedSection(_Section):
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = Field(
+        "auto",
+        description="Under torchrun / accelerate launch / --nproc: ddp (each rank holds the whole model), fsdp (sharded), deepspeed (needs deepspeed_config); auto = ddp.",
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="Process-group backend; auto = nccl on GPUs, gloo on CPUs.")
+    deepspeed_config: Optional[str] = Field(None, description="DeepSpeed JSON config (ZeRO-2/3) for strategy deepspeed.")
+    fsdp_cpu_offload: bool = Field(False, description="FSDP: keep sharded parameters in CPU memory between uses (slower, less GPU memory).")
+
+    @model_validator(mode="after")
+    def _deepspeed_needs_config(self):
+        if self.strategy == "deepspeed" and not self.deepspeed_config:
+            raise ValueError("strategy deepspeed needs deepspeed_config: the path of a DeepSpeed JSON config")
+        if self.deepspeed_config and self.strategy != "deepspeed":
+            raise ValueError("deepspeed_config is only used with strategy: deepspeed")
+        if self.fsdp_cpu_offload and self.strategy != "fsdp":
+            raise ValueError("fsdp_cpu_offload is only used with strategy: fsdp")
+        return self
+
+
 class Recipe(_Section):
     model: ModelSection = Field(description="The base model.")
     quantization: QuantizationSection = Field(default_factory=QuantizationSection, description="How the frozen base is stored.")
@@ -140,9 +168,14 @@ class Recipe(_Section):
     data: DataSection = Field(description="Training and evaluation data.")
     train: TrainSection = Field(default_factory=TrainSection, description="Optimisation settings.")
     output: OutputSection = Field(description="Where results go.")
+    distributed: DistributedSection = Field(default_factory=DistributedSection, description="Multi-GPU / multi-node training (used only when launched with several processes).")
 
     @model_validator(mode="after")
     def _cross_checks(self):
+        if self.distributed.strategy == "fsdp" and self.quantization.bits == 8:
+            raise ValueError("FSDP cannot shard an 8-bit (LLM.int8) base; use quantization.bits 4 or 16, or distributed.strategy ddp")
+        if self.distributed.strategy == "fsdp" and self.quantization.bits == 4 and self.quantization.quant_storage == "uint8":
+            raise ValueError("FSDP-QLoRA needs the 4-bit weights stored in the compute dtype: set quantization.quant_storage to auto or bfloat16")
         if self.lora.use_dora and self.quantization.bits == 8:
             raise ValueError("lora.use_dora is not supported with an 8-bit base; use bits 4 or 16")
         return self

@@ -53,20 +53,28 @@ def quantization_label(quant: QuantizationSection) -> str:
     return f"{quant.bits}-bit" + (f" {quant.quant_type}" if quant.bits == 4 else "")
 
 
-def build_quant_config(quant: QuantizationSection, dtype: torch.dtype):
-    """A transformers BitsAndBytesConfig for 4/8-bit bases, None for a 16-bit base."""
+def build_quant_config(quant: QuantizationSection, dtype: torch.dtype, sharded: bool = False):
+    """A transformers BitsAndBytesConfig for 4/8-bit bases, None for a 16-bit base.
+
+    `sharded` (FSDP): the packed 4-bit weights are stored in the compute dtype, so FSDP can
+    flatten them with the other parameters into uniform shards.
+    """
     if quant.bits == 16:
         return None
     from transformers import BitsAndBytesConfig
 
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
+    if quant.quant_storage == "auto":
+        storage = dtype if sharded else torch.uint8
+    else:
+        storage = getattr(torch, quant.quant_storage)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=getattr(torch, quant.quant_storage),
+        bnb_4bit_quant_storage=storage,
     )
 
 
@@ -122,7 +130,7 @@ def load_base_model(recipe: Recipe, bits: Optional[int] = None):
     check_model_path(recipe.model.path)
     dtype = compute_dtype(recipe)
     quant = recipe.quantization if bits is None else recipe.quantization.model_copy(update={"bits": bits})
-    quant_config = build_quant_config(quant, dtype)
+    quant_config = build_quant_config(quant, dtype, sharded=recipe.distributed.strategy == "fsdp")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             recipe.model.path,

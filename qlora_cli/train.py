@@ -16,7 +16,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from qlora_cli import modeling
+from qlora_cli import distributed, kernels, modeling
 from qlora_cli.atomic import write_text_atomic
 from qlora_cli.callbacks import NonFiniteLossGuard, ProgressDisplay, StopOnSignal, TokenMeter, write_metrics
 from qlora_cli.collate import build_collator, real_tokens
@@ -43,8 +43,13 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def preflight(recipe: Recipe, resume: bool, force: bool) -> Optional[Path]:
-    """Cheap checks before loading anything; returns the checkpoint to resume from."""
+def preflight(recipe: Recipe, resume: bool, force: bool, here: Optional[distributed.World] = None) -> Optional[Path]:
+    """Cheap checks before loading anything; returns the checkpoint to resume from.
+
+    In a multi-process run only rank 0 writes, so only rank 0 checks the output directory
+    (the others would find what rank 0 has begun writing there).
+    """
+    here = here or distributed.world()
     if resume and force:
         raise ConfigError("--resume and --force contradict each other; pick one")
     modeling.check_model_path(recipe.model.path)
@@ -61,7 +66,10 @@ def preflight(recipe: Recipe, resume: bool, force: bool) -> Optional[Path]:
         found = checkpoints(output_dir) if output_dir.is_dir() else []
         if not found:
             raise ConfigError(f"--resume: no checkpoint in {output_dir} to resume from; run without --resume")
+        distributed.check_resume_world(found[-1], here)
         return found[-1]
+    if not here.is_main:
+        return None
     if occupied and not force:
         raise ResourceError(
             f"output.dir {output_dir} is not empty; use --resume to continue it, --force to overwrite it, or --set output.dir=NEW"
@@ -82,8 +90,9 @@ def precision_flags(dtype: torch.dtype) -> dict:
     return {}
 
 
-def build_training_args(recipe: Recipe, dtype: torch.dtype, has_eval: bool) -> TrainingArguments:
+def build_training_args(recipe: Recipe, dtype: torch.dtype, has_eval: bool, model=None) -> TrainingArguments:
     train = recipe.train
+    parallel = distributed.training_kwargs(recipe, distributed.world(), torch.cuda.is_available(), model)
     evaluate_periodically = has_eval and train.eval_steps is not None
     return TrainingArguments(
         output_dir=recipe.output.dir,
@@ -114,7 +123,8 @@ def build_training_args(recipe: Recipe, dtype: torch.dtype, has_eval: bool) -> T
         length_column_name="length",
         disable_tqdm=True,
         dataloader_pin_memory=torch.cuda.is_available(),
-        ddp_find_unused_parameters=False,
+        torch_compile=train.compile,
+        **{"ddp_find_unused_parameters": False, **parallel},
         **precision_flags(dtype),
     )
 
@@ -123,16 +133,27 @@ class QloraTrainer(Trainer):
     """The HF Trainer plus two things done at every micro-batch: count non-padding tokens,
     and restore 4-bit weights that a CPU evaluation repacked (see modeling.unpack_cpu_4bit_weights)."""
 
-    def __init__(self, *args, token_meter: TokenMeter, **kwargs):
+    def __init__(self, *args, token_meter: TokenMeter, loss_kernel: kernels.LossKernel, **kwargs):
         super().__init__(*args, **kwargs)
         self.token_meter = token_meter
+        self.loss_kernel = loss_kernel
         self.quantized_on_cpu = getattr(self.model, "is_loaded_in_4bit", False) and not torch.cuda.is_available()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.quantized_on_cpu:
             modeling.unpack_cpu_4bit_weights(model)
-        self.token_meter.add(real_tokens(inputs), self.state)
+        # Tokens of all ranks: throughput and tokens_seen count the whole job, not one process.
+        self.token_meter.add(distributed.all_reduce_sum(real_tokens(inputs), self.args.device), self.state)
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs or not self.loss_kernel.fused or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = kernels.fused_causal_lm_loss(model, inputs, self.loss_kernel, num_items_in_batch)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            # As Trainer.compute_loss: DDP averages gradients over ranks, the token count is global.
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss
 
 
 @dataclass
@@ -141,13 +162,14 @@ class TrainResult:
     metrics: dict
     interrupted: bool = False
     info: dict = field(default_factory=dict)
+    is_main: bool = True  # False on ranks > 0 of a multi-process run: they report nothing
 
 
-def save_adapter(model, tokenizer, output_dir: Path) -> None:
+def save_adapter(model, tokenizer, output_dir: Path, state_dict: Optional[dict] = None) -> None:
     """Write the adapter and tokenizer beside each other, each file replaced atomically."""
     staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=output_dir))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(staging)
         for item in staging.iterdir():
             os.replace(item, output_dir / item.name)
@@ -165,7 +187,8 @@ def run_training(
 ) -> TrainResult:
     """Train the adapter the recipe describes and save the run directory."""
     started = time.perf_counter()
-    resume_from = preflight(recipe, resume, force)
+    here = distributed.world()
+    resume_from = preflight(recipe, resume, force, here)
     tokenizer = modeling.load_tokenizer(recipe.model)
     train_set, eval_set, train_stats, eval_stats = load_splits(recipe.data, tokenizer, recipe.train.seed)
 
@@ -177,12 +200,14 @@ def run_training(
     model = modeling.prepare_for_training(model, recipe.train.gradient_checkpointing)
     model = modeling.attach_adapter(model, recipe.lora)
     trainable, total = modeling.count_parameters(model)
+    loss_kernel = kernels.select_loss_kernel(recipe.train.loss_kernel, model)
 
     output_dir = Path(recipe.output.dir)
-    if force and output_dir.exists():
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(output_dir / "recipe.yaml", recipe_to_yaml(recipe))
+    if here.is_main:
+        if force and output_dir.exists():
+            shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output_dir / "recipe.yaml", recipe_to_yaml(recipe))
 
     info = {
         "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
@@ -190,6 +215,9 @@ def run_training(
         "quantization": modeling.quantization_label(recipe.quantization),
         "attention": model.config._attn_implementation,
         "packing": recipe.data.packing,
+        "processes": f"{here.size} ({distributed.strategy(recipe, here)})" if here.distributed else 1,
+        "loss_kernel": f"{loss_kernel.name} ({loss_kernel.reason})",
+        "compile": "torch.compile" if recipe.train.compile else "off",
         "trainable_params": trainable,
         "total_params": total,
         "train_rows": train_stats.kept,
@@ -198,19 +226,20 @@ def run_training(
         "resumed_from": str(resume_from) if resume_from else None,
         "data": train_stats.summary(),
     }
-    if on_ready:
+    if on_ready and here.is_main:
         on_ready(info)
 
     meter, stop, guard = TokenMeter(), StopOnSignal(), NonFiniteLossGuard()
     trainer = QloraTrainer(
         model=model,
-        args=build_training_args(recipe, dtype, eval_set is not None),
+        args=build_training_args(recipe, dtype, eval_set is not None, model),
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=build_collator(recipe.data.packing, tokenizer.pad_token_id, torch.cuda.is_available()),
         processing_class=tokenizer,
-        callbacks=[*callbacks, meter, ProgressDisplay(meter, enabled=show_progress), stop, guard],
+        callbacks=[*callbacks, meter, ProgressDisplay(meter, enabled=show_progress and here.is_main), stop, guard],
         token_meter=meter,
+        loss_kernel=loss_kernel,
     )
     for default_display in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(default_display)
@@ -226,8 +255,12 @@ def run_training(
 
     extra = {key: info[key] for key in ("device", "compute_dtype", "quantization", "trainable_params", "total_params", "train_rows", "eval_rows")}
     extra["wall_time_s"] = round(time.perf_counter() - started, 1)
-    metrics = write_metrics(output_dir / "metrics.json", trainer.state, meter, extra)
+    extra["processes"] = here.size
+    metrics = write_metrics(output_dir / "metrics.json", trainer.state, meter, extra) if here.is_main else {}
     guard.raise_if_tripped()
     if not interrupted:
-        save_adapter(trainer.model, tokenizer, output_dir)
-    return TrainResult(output_dir=output_dir, metrics=metrics, interrupted=interrupted, info=info)
+        # Under FSDP every rank takes part in gathering the full adapter; only rank 0 writes it.
+        state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+        if here.is_main:
+            save_adapter(trainer.model, tokenizer, output_dir, state_dict)
+    return TrainResult(output_dir=output_dir, metrics=metrics, interrupted=interrupted, info=info, is_main=here.is_main)

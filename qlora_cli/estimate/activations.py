@@ -126,11 +126,25 @@ def backward_working_bytes(arch: Architecture, plan: Plan) -> int:
     return working + largest_dequantized_weight(arch, plan)
 
 
+CHUNK_LOGIT_BYTES = 256 * 2**20  # = qlora_cli.kernels.CHUNK_LOGIT_BYTES (that module imports torch)
+UNFUSABLE = {"gemma2", "gemma3_text", "cohere", "cohere2"}  # soft-capped or scaled logits: standard loss
+
+
+def fused_loss_bytes(arch: Architecture, plan: Plan) -> int:
+    """Peak of the chunked linear cross-entropy (kernels.LinearCrossEntropy): one chunk's fp32
+    logits, turned into their gradient in place, plus its copy in the compute dtype, and the
+    gradient of the final hidden states it hands to backward (a*T*h)."""
+    chunk = min(plan.tokens, max(64, CHUNK_LOGIT_BYTES // (4 * arch.vocab_size)))
+    return chunk * arch.vocab_size * (4 + plan.dtype_bytes) + plan.dtype_bytes * plan.tokens * arch.hidden_size
+
+
 def logits_bytes(arch: Architecture, plan: Plan) -> int:
     """Peak of the head and the loss. transformers' ForCausalLMLoss upcasts the logits to fp32 and
     cross_entropy keeps the fp32 log_softmax; at the start of backward that output, its gradient and
     the gradient of its input coexist: 12 bytes per logit (the bf16 logits and the fp32 copy of the
     forward, a + 4 + 4, are fewer). Gemma 2's logit soft-capping keeps one more a-byte copy."""
+    if plan.fused_loss and arch.model_type not in UNFUSABLE:
+        return fused_loss_bytes(arch, plan)
     per_logit = LOSS_BYTES_PER_LOGIT + (plan.dtype_bytes if arch.model_type == "gemma2" else 0)
     return per_logit * plan.tokens * arch.vocab_size
 

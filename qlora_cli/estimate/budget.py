@@ -43,6 +43,26 @@ class Estimate:
         return self.breakdown["optimizer_states"] if self.plan.optimizer.startswith("paged_") else 0
 
 
+def _spread_over_processes(breakdown: dict, base: dict, arch: Architecture, plan: Plan, notes: list) -> None:
+    """Per-GPU memory of a multi-GPU job (in place). DDP: every GPU holds the whole model, and
+    DDP's gradient buckets hold a second copy of the gradients. FSDP (full shard): weights,
+    adapter, gradients and optimizer states are split N ways; the GPU also holds the current
+    and the prefetched decoder layer unsharded (all-gathered)."""
+    n = plan.processes
+    if n <= 1:
+        return
+    if plan.strategy == "ddp":
+        breakdown["gradients"] *= 2
+        notes.append(f"DDP on {n} GPUs: per-GPU memory; each GPU holds the whole model plus DDP's gradient buckets")
+        return
+    layer = (breakdown["base_weights"] - base["embeddings + lm_head"]) // max(1, arch.num_layers)
+    for term in ("base_weights", "adapter_weights", "gradients", "optimizer_states"):
+        breakdown[term] = -(-breakdown[term] // n)
+    breakdown["base_weights"] += 2 * layer
+    notes.append(f"FSDP on {n} GPUs: per-GPU memory; weights, gradients and optimizer states are sharded {n} ways, "
+                 "plus two all-gathered decoder layers")
+
+
 def estimate(arch: Architecture, plan: Plan) -> Estimate:
     """Peak memory of one training step of `plan` on `arch`, term by term, in bytes."""
     base = memory.base_weight_bytes(arch, plan)
@@ -56,11 +76,12 @@ def estimate(arch: Architecture, plan: Plan) -> Estimate:
         "activations": act["total"],
         "logits_and_loss": act["loss peak"],
     }
+    notes = list(arch.notes)
+    _spread_over_processes(breakdown, base, arch, plan, notes)
     per_step = breakdown["activations"] + breakdown["logits_and_loss"] + breakdown["gradients"]
     breakdown["allocator_overhead"] = int(ALLOCATOR_OVERHEAD * per_step)
     breakdown["cuda_context"] = CUDA_CONTEXT_BYTES
     _, _, unmatched = memory.resolve_targets(arch, plan.target_modules)
-    notes = list(arch.notes)
     if unmatched:
         notes.append(f"lora.target_modules {unmatched} match no layer; peft ignores them")
     if arch.experts:

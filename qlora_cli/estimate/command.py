@@ -117,7 +117,9 @@ def _describe(result: Estimate) -> list[str]:
         f"{result.trainable_params:,} trainable ({share:.2f}%)",
         f"{quant} base, {adapter}, {plan.optimizer}",
         f"micro-batch {plan.micro_batch} x {plan.seq_len} tokens{' (packed)' if plan.packing else ''}, "
-        f"gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}, {plan.attention} attention",
+        f"gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}, {plan.attention} attention, "
+        f"{'fused' if plan.fused_loss else 'full-logits'} loss"
+        + (f", {plan.processes} GPUs ({plan.strategy}, per-GPU figures)" if plan.processes > 1 else ""),
     ]
 
 
@@ -185,6 +187,7 @@ def estimate_command(
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="paged_adamw_8bit, paged_adamw_32bit, adamw_8bit or adamw_torch."),
     target_modules: Optional[str] = typer.Option(None, "--target-modules", help="all-linear, or a comma list like q_proj,v_proj."),
     attn: Optional[str] = typer.Option(None, "--attn", help="Attention kernel: sdpa, eager or flash_attention_2."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="GPUs the job trains on: per-GPU memory under distributed.strategy (ddp replicates, fsdp shards)."),
     measure: bool = typer.Option(False, "--measure", help="Also run 3 real training steps on random tokens (CUDA only) and print the measured peak."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object for machines instead of tables."),
 ) -> None:
@@ -192,7 +195,7 @@ def estimate_command(
     overrides = _flag_overrides(quant, rank, seq_len, batch, gradient_checkpointing, optimizer, target_modules, attn)
     config = _load(recipe, model, overrides + list(set_ or []))
     card = _gpu(gpu, gpu_memory)
-    result = estimate(resolve(config.model.path), plan_from_recipe(config))
+    result = estimate(resolve(config.model.path), plan_from_recipe(config, processes=nproc))
     judged = verdict(result, card) if card else None
     measured = None
     if measure:

@@ -32,6 +32,9 @@ class Plan:
     gradient_checkpointing: bool = True
     optimizer: str = "paged_adamw_8bit"
     attention: str = ATTENTION_AUTO
+    fused_loss: bool = True  # train.loss_kernel chunked / liger: no full-vocabulary fp32 logits
+    processes: int = 1  # GPUs (processes) of the job
+    strategy: str = "ddp"  # with processes > 1: ddp (replicated) or fsdp (sharded)
 
     @property
     def tokens(self) -> int:
@@ -49,9 +52,17 @@ def _dtype_bytes(recipe: Recipe) -> int:
     return 4 if requested == "float32" else 2  # auto: bf16 (or fp16 on pre-Ampere cards) on a GPU
 
 
-def plan_from_recipe(recipe: Recipe) -> Plan:
+def _fused_loss(recipe: Recipe) -> bool:
+    """Whether `train.loss_kernel` gets a fused loss (kernels.unsupported_reason, by the recipe alone)."""
+    lora = recipe.lora
+    targets = () if isinstance(lora.target_modules, str) else lora.target_modules
+    return recipe.train.loss_kernel != "standard" and "lm_head" not in (lora.modules_to_save or ()) and "lm_head" not in targets
+
+
+def plan_from_recipe(recipe: Recipe, processes: int = 1) -> Plan:
     lora, quant, train = recipe.lora, recipe.quantization, recipe.train
     attention = recipe.model.attn_implementation
+    strategy = recipe.distributed.strategy
     return Plan(
         bits=quant.bits,
         quant_type=quant.quant_type,
@@ -69,4 +80,7 @@ def plan_from_recipe(recipe: Recipe) -> Plan:
         gradient_checkpointing=train.gradient_checkpointing,
         optimizer=train.optimizer,
         attention=ATTENTION_AUTO if attention == "auto" else attention,
+        fused_loss=_fused_loss(recipe),
+        processes=processes,
+        strategy="fsdp" if strategy == "fsdp" else "ddp",
     )

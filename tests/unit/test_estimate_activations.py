@@ -116,7 +116,23 @@ def test_checkpointing_keeps_one_hidden_state_per_layer():
 
 def test_logits_are_twelve_bytes_per_token_and_vocab_entry():
     arch = resolve("meta-llama/Llama-3.1-8B")
-    assert logits_bytes(arch, Plan(seq_len=2048, micro_batch=2)) == 12 * 4096 * 128256
+    assert logits_bytes(arch, Plan(seq_len=2048, micro_batch=2, fused_loss=False)) == 12 * 4096 * 128256
+
+
+def test_fused_loss_holds_one_chunk_of_logits():
+    from qlora_cli.estimate.activations import CHUNK_LOGIT_BYTES
+    from qlora_cli.kernels import CHUNK_LOGIT_BYTES as KERNEL_CHUNK_BYTES, chunk_tokens
+
+    assert CHUNK_LOGIT_BYTES == KERNEL_CHUNK_BYTES
+    arch = resolve("meta-llama/Llama-3.1-8B")
+    chunk = chunk_tokens(128256)
+    assert chunk == 523
+    fused = logits_bytes(arch, Plan(seq_len=2048, micro_batch=2))
+    assert fused == chunk * 128256 * (4 + 2) + 2 * 4096 * 4096
+    assert fused < logits_bytes(arch, Plan(seq_len=2048, micro_batch=2, fused_loss=False)) / 10
+    # Gemma 2 soft-caps its logits: the trainer falls back to the standard loss, so does the estimate.
+    gemma = resolve("google/gemma-2-9b")
+    assert logits_bytes(gemma, Plan(seq_len=1024)) == logits_bytes(gemma, Plan(seq_len=1024, fused_loss=False))
 
 
 def test_total_grows_with_batch_and_sequence():
