@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import TrainerCallback
 
 from qlora_cli.atomic import write_text_atomic
+from qlora_cli.distributed import any_rank, world
 from qlora_cli.errors import TrainingError
 
 
@@ -129,6 +130,7 @@ class StopOnSignal(TrainerCallback):
 
     def __init__(self):
         self.requested = False
+        self._first = 0.0
         self._previous = {}
 
     def install(self) -> None:
@@ -141,12 +143,18 @@ class StopOnSignal(TrainerCallback):
         self._previous = {}
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second press means "now"
+        now = time.monotonic()
+        # A second signal means "now", except the echo a launcher (torchrun) sends right after
+        # the terminal's own Ctrl-C reached every process.
+        if self.requested and not (world().distributed and now - self._first < 5):
             raise KeyboardInterrupt
-        self.requested = True
+        if not self.requested:
+            self.requested, self._first = True, now
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
+        # Every rank must stop after the same step, or the others wait forever in a collective.
+        if any_rank(self.requested, args.device):
+            self.requested = True
             control.should_save = True
             control.should_training_stop = True
 

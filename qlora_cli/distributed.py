@@ -165,3 +165,8 @@ def all_reduce_sum(value: int, device) -> int:
     total = torch.tensor([value], dtype=torch.long, device=device)
     dist.all_reduce(total)
     return int(total.item())
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every process when it is true on any (identity without a process group)."""
+    return all_reduce_sum(int(flag), device) > 0

@@ -106,3 +106,17 @@ def test_estimate_per_gpu_memory_under_ddp_and_fsdp(recipe_dict):
     assert fsdp.breakdown["activations"] == single.breakdown["activations"]
     assert fsdp.total < single.total < ddp.total
     assert any("FSDP on 4 GPUs" in note for note in fsdp.notes)
+
+
+def test_a_launchers_echo_of_ctrl_c_does_not_abort_the_checkpoint(monkeypatch):
+    from qlora_cli.callbacks import StopOnSignal
+
+    single = StopOnSignal()
+    single._handle(2, None)
+    with pytest.raises(KeyboardInterrupt):  # alone, a second Ctrl-C means "now"
+        single._handle(2, None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ranked = StopOnSignal()
+    ranked._handle(2, None)
+    ranked._handle(15, None)  # torchrun's SIGTERM right after the terminal's SIGINT
+    assert ranked.requested
