@@ -118,13 +118,18 @@ def run_ours(args) -> dict:
     }
     recipe_path = Path(args.workdir) / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe))
-    result = subprocess.run([sys.executable, "-m", "qlora_cli", "train", str(recipe_path), "--force"], capture_output=True, text=True)
+    overrides = [f"--set={item}" for item in args.ours_set or []]
+    result = subprocess.run([sys.executable, "-m", "qlora_cli", "train", str(recipe_path), "--force", *overrides], capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(f"qlora train failed:\n{result.stderr[-2000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     runtime = next(entry["train_runtime"] for entry in metrics["log_history"] if "train_runtime" in entry)
     return {"tokens": metrics["tokens_seen"], "train_runtime": runtime, "final_loss": metrics["last_loss"],
             "peak_memory_gib": metrics["peak_memory_gib"], "dtype": metrics["compute_dtype"]}
+
+
+# Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), for model FLOPs utilisation.
+PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10G": 70, "L4": 121}
 
 
 def model_flops_per_token(model_path: str) -> float:
@@ -149,6 +154,8 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--baseline-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--ours-set", action="append", metavar="KEY=VALUE",
+                        help="Extra recipe override for (b), e.g. train.loss_kernel=standard (repeatable).")
     parser.add_argument("--variant", choices=["baseline", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -167,7 +174,7 @@ def main() -> None:
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     common = ["--model", args.model, "--steps", str(args.steps), "--micro-batch", str(args.micro_batch), "--rank", str(args.rank),
               "--lr", str(args.lr), "--max-len", str(args.max_len), "--seed", str(args.seed), "--baseline-dtype", args.baseline_dtype,
-              "--data", str(data), "--workdir", str(workdir)]
+              "--data", str(data), "--workdir", str(workdir), *(f"--ours-set={item}" for item in args.ours_set or [])]
     results = {}
     for variant in ("baseline", "ours"):
         started = time.perf_counter()
@@ -187,9 +194,9 @@ def main() -> None:
         r["tokens_per_s"] = r["tokens"] / r["train_runtime"]
         line = (f"{label:22s} dtype {r['dtype'].removeprefix('torch.'):9s} non-padding tokens/s {r['tokens_per_s']:8.1f}  "
                 f"peak memory {r['peak_memory_gib']:.2f} GiB  final loss {r['final_loss']:.4f}")
-        if torch.cuda.is_available():
-            peak = torch.cuda.get_device_properties(0)
-            line += f"  MFU {r['tokens_per_s'] * flops / 989e12:.1%} (of 989 TFLOP/s bf16 dense)" if "H100" in peak.name else ""
+        peak = next((tflops for card, tflops in PEAK_BF16_TFLOPS.items() if card in device), None)
+        if peak:
+            line += f"  MFU {r['tokens_per_s'] * flops / (peak * 1e12):.1%} (of {peak:g} TFLOP/s bf16 dense)"
         print(line)
     a, b = results["baseline"], results["ours"]
     print(f"ratio (b)/(a): tokens/s {b['tokens_per_s'] / a['tokens_per_s']:.2f}x  peak memory {b['peak_memory_gib'] / a['peak_memory_gib']:.2f}x  "
