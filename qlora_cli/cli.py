@@ -258,6 +258,27 @@ def _drift_table(check: dict) -> Table:
     return table
 
 
+def _gguf_table(exported: dict) -> Table:
+    """The GGUF file and its load-back check against the merged checkpoint."""
+    check = exported.get("verification")
+    result = "" if check is None else (": [green]PASS[/]" if check["passed"] else ": [red]FAIL[/]")
+    table = Table(title=f"GGUF {exported['file']}{result}", title_justify="left", show_header=False)
+    table.add_column("")
+    table.add_column("", justify="right")
+    tokenizer = exported["tokenizer"]
+    table.add_row("size", f"{exported['bytes'] / 2**20:.1f} MiB ({exported['gguf_type']}, {exported['architecture']})")
+    table.add_row("tokenizer", f"{tokenizer['model']} / pre {tokenizer['pre']}, {tokenizer['tokens']:,} tokens, "
+                  f"chat template {'yes' if tokenizer['chat_template'] else 'no'}")
+    if check:
+        logits, tokens = check["logits"], check["tokenizer"]
+        table.add_row("top-1 agreement vs merged", f"{100 * logits['top1_agreement']:.2f}% of {logits['positions']:,} "
+                      f"(min {100 * check['min_top1_agreement']:.0f}%)")
+        table.add_row("max abs logit diff / mean KL", f"{logits['max_abs_logit_diff']:.4g} / {logits['mean_kl']:.2e}")
+        table.add_row("tokenizer round trip", f"{tokens['identical']}/{tokens['texts']} identical, chat template "
+                      f"{'equal' if tokens['chat_template_equal'] else 'DIFFERS'}")
+    return table
+
+
 @app.command()
 @handle_errors
 def merge(
@@ -275,12 +296,15 @@ def merge(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Rows per forward pass during verification."),
     set_: Optional[List[str]] = SetOption,
     as_json: bool = JsonOption,
+    format_: str = typer.Option("hf", "--format", help="hf (safetensors checkpoint), gguf (one file for llama.cpp / Ollama) or hf,gguf."),
+    gguf_type: str = typer.Option("f16", "--gguf-type", help="Tensor type of the GGUF file: f16, bf16 or q8_0."),
 ) -> None:
-    """Merge the LoRA / DoRA adapter into its base: a standalone Hugging Face checkpoint, verified against the adapter."""
+    """Merge the LoRA / DoRA adapter into its base: a standalone Hugging Face checkpoint and/or GGUF file, verified."""
     from qlora_cli.errors import VerificationError
     from qlora_cli.merge import REPORT_NAME, run_merge
 
-    result = run_merge(run_dir, output, base, dtype, max_shard_size, force, verify, verify_samples, batch_size, set_, show_progress=not as_json)
+    result = run_merge(run_dir, output, base, dtype, max_shard_size, force, verify, verify_samples, batch_size, set_,
+                       show_progress=not as_json, formats=format_, gguf_type=gguf_type)
     report, check = result.report, result.report["verification"]
     if as_json:
         print(json.dumps(report))
@@ -292,10 +316,18 @@ def merge(
         out.print(_kv_table("qlora merge", summary))
         if check:
             out.print(_drift_table(check))
+        if report.get("gguf"):
+            out.print(_gguf_table(report["gguf"]))
         out.print(f"wrote {result.output} ({REPORT_NAME} inside), {report['wall_time_s']} s")
         if (report["update_rounding"] or 0) > 0.1:
             err.print(f"[yellow]warning:[/] {dtype} rounding lost {100 * report['update_rounding']:.0f}% of the adapter's update; "
                       "--dtype fp16 rounds 8x finer, --dtype fp32 keeps all of it")
+    gguf_failures = [failure for failure in result.failures if failure.startswith("the GGUF") or failure.startswith("GGUF")]
+    if gguf_failures and len(gguf_failures) == len(result.failures):
+        raise VerificationError(
+            f"the GGUF file does not reproduce the merged model: {'; '.join(gguf_failures)}. It is in {result.output} with {REPORT_NAME}; "
+            "a higher --gguf-type (f16) rounds less, --no-verify accepts it as it is"
+        )
     if result.failures:
         raise VerificationError(
             f"the merged model drifts from base + adapter: {'; '.join(result.failures)}. The checkpoint is in {result.output} "

@@ -4,6 +4,8 @@ checkpoint (safetensors shards, config, generation config, tokenizer, chat templ
 Cheap checks run first (adapter type, base present, output free, vocabulary fits, disk
 space); the checkpoint is written into a temporary sibling folder and renamed into place
 at the end, so a crash or Ctrl-C never leaves half a checkpoint. Verification: drift.py.
+`--format gguf` also writes one GGUF file (gguf_export.py), verified by gguf_check.py; the
+Hugging Face checkpoint is its source and reference, and is dropped after when not asked for.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from typing import Optional
 
 import torch
 
-from qlora_cli import drift, inference, modeling
+from qlora_cli import drift, gguf_export, inference, modeling
 from qlora_cli.config import Recipe, load_recipe
 from qlora_cli.errors import ConfigError, ModelError, ResourceError
 
 BASE_MODES = ("original", "dequantized")
+FORMATS = ("hf", "gguf")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MERGEABLE = {"LORA"}  # DoRA is LoRA with use_dora; its magnitude vector merges too
 REPORT_NAME = "merge_report.json"
@@ -98,11 +101,21 @@ def load_run_tokenizer(run_dir: Path, recipe: Recipe):
     return tokenizer
 
 
-def embedding_rows(recipe: Recipe) -> int:
+def base_config(recipe: Recipe):
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(recipe.model.path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
-    return config.get_text_config().vocab_size
+    return AutoConfig.from_pretrained(recipe.model.path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+
+
+def embedding_rows(recipe: Recipe) -> int:
+    return base_config(recipe).get_text_config().vocab_size
+
+
+def parse_formats(formats: str) -> tuple[str, ...]:
+    chosen = tuple(dict.fromkeys(part.strip().lower() for part in formats.split(",") if part.strip()))
+    if not chosen or any(part not in FORMATS for part in chosen):
+        raise ConfigError(f"--format {formats!r}: choose hf, gguf or hf,gguf")
+    return chosen
 
 
 def check_vocabulary(tokenizer, rows: int, source: str) -> None:
@@ -130,9 +143,9 @@ def checkpoint_parameters(model_path: str) -> Optional[int]:
     return total
 
 
-def check_disk_space(output: Path, parameters: int, dtype: torch.dtype) -> int:
-    """Raise unless the output's filesystem holds the checkpoint; returns the expected bytes."""
-    needed = parameters * dtype.itemsize + _SIDE_FILES_BYTES
+def check_disk_space(output: Path, parameters: int, dtype: torch.dtype, gguf_bytes: int = 0) -> int:
+    """Raise unless the output's filesystem holds the checkpoint (and GGUF file); returns the expected bytes."""
+    needed = parameters * dtype.itemsize + _SIDE_FILES_BYTES + gguf_bytes
     folder = existing_ancestor(output.parent)
     free = shutil.disk_usage(folder).free
     if free < needed:
@@ -155,8 +168,11 @@ def parse_shard_size(size: str) -> int:
     return value
 
 
-def preflight(run_dir: Path, output: Path, base_mode: str, dtype: str, max_shard_size: str, force: bool, overrides=None):
+def preflight(run_dir: Path, output: Path, base_mode: str, dtype: str, max_shard_size: str, force: bool, overrides=None,
+              formats: tuple[str, ...] = ("hf",), gguf_type: str = "f16"):
     """Every check that needs no weights; returns (recipe, tokenizer)."""
+    if "gguf" in formats:
+        gguf_export.check_gguf_type(gguf_type)
     if base_mode not in BASE_MODES:
         raise ConfigError(f"--base {base_mode!r}: choose original or dequantized")
     if dtype not in DTYPES:
@@ -173,11 +189,13 @@ def preflight(run_dir: Path, output: Path, base_mode: str, dtype: str, max_shard
         )
     check_base(recipe, run_dir)
     check_output(output, run_dir, recipe, force)
+    if "gguf" in formats:
+        gguf_export.check_architecture(base_config(recipe))
     tokenizer = load_run_tokenizer(run_dir, recipe)
     check_vocabulary(tokenizer, embedding_rows(recipe), f"the base {recipe.model.path}")
     parameters = checkpoint_parameters(recipe.model.path)
     if parameters is not None:
-        check_disk_space(output, parameters, DTYPES[dtype])
+        check_disk_space(output, parameters, DTYPES[dtype], gguf_export.expected_size(parameters, gguf_type) if "gguf" in formats else 0)
     return recipe, tokenizer
 
 
@@ -264,6 +282,13 @@ def write_checkpoint(model, tokenizer, folder: Path, max_shard_size: str) -> Non
         model.generation_config.save_pretrained(str(folder))
 
 
+def drop_checkpoint(folder: Path, keep: str) -> None:
+    """Remove the Hugging Face files that were only the GGUF's source and reference."""
+    for path in folder.iterdir():
+        if path.name != keep:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def install(staging: Path, output: Path) -> None:
     """Rename the finished staging folder to `output`, replacing what --force allowed."""
     umask = os.umask(0)
@@ -294,6 +319,8 @@ def run_merge(
     batch_size: int = 16,
     overrides: Optional[list[str]] = None,
     show_progress: bool = True,
+    formats: str = "hf",
+    gguf_type: str = "f16",
 ) -> MergeResult:
     """Merge, write atomically, verify; the report is in output/merge_report.json.
 
@@ -302,15 +329,23 @@ def run_merge(
     """
     started = time.perf_counter()
     run_dir, output = Path(run_dir), Path(output)
-    recipe, tokenizer = preflight(run_dir, output, base_mode, dtype, max_shard_size, force, overrides)
+    chosen = parse_formats(formats)
+    recipe, tokenizer = preflight(run_dir, output, base_mode, dtype, max_shard_size, force, overrides, chosen, gguf_type)
     output_dtype = DTYPES[dtype]
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.merging-", dir=output.parent))
     try:
         model, rounding = merged_model(recipe, run_dir, base_mode, output_dtype, tokenizer)
         parameters = sum(param.numel() for param in model.parameters())
-        expected_bytes = check_disk_space(output, parameters, output_dtype)
+        gguf_bytes = gguf_export.expected_size(parameters, gguf_type) if "gguf" in chosen else 0
+        expected_bytes = check_disk_space(output, parameters, output_dtype, gguf_bytes)
         write_checkpoint(model, tokenizer, staging, max_shard_size)
+        exported = None
+        if "gguf" in chosen:
+            exported = gguf_export.write_gguf(
+                model, tokenizer, staging / gguf_export.gguf_file_name(gguf_type), gguf_type,
+                gguf_export.display_name(recipe.model.path, run_dir),
+            )
         del model
         gc.collect()
         report = {
@@ -323,14 +358,26 @@ def run_merge(
             "parameters": parameters,
             "update_rounding": rounding,
             "expected_bytes": expected_bytes,
-            "files": sorted(path.name for path in staging.iterdir()),
+            "formats": list(chosen),
         }
         failures: list[str] = []
         if verify:
             report["verification"] = drift.verify(recipe, run_dir, staging, tokenizer, base_mode, dtype, verify_samples, batch_size, show_progress)
-            failures = report["verification"]["failures"]
+            failures = list(report["verification"]["failures"])
         else:
             report["verification"] = None
+        if exported is not None:
+            from qlora_cli import gguf_check
+
+            exported["verification"] = (
+                gguf_check.verify(recipe, staging, exported["file"], tokenizer, gguf_type, verify_samples, batch_size, show_progress)
+                if verify else None
+            )
+            failures += exported["verification"]["failures"] if verify else []
+            report["gguf"] = exported
+        if "hf" not in chosen:
+            drop_checkpoint(staging, keep=exported["file"])
+        report["files"] = sorted(path.name for path in staging.iterdir())
         report["wall_time_s"] = round(time.perf_counter() - started, 1)
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
         install(staging, output)
