@@ -146,11 +146,13 @@ def train(
     config = load_recipe(recipe, set_)
 
     def on_ready(info: dict) -> None:
-        shown = {k: v for k, v in info.items() if k not in ("data", "resumed_from")}
+        for note in info.get("skipped_checkpoints", []):
+            err.print(f"[yellow]warning:[/] skipping damaged {note}", soft_wrap=True)
+        if info["resumed_from"]:
+            err.print(f"resuming from {info['resumed_from']}", soft_wrap=True)
+        shown = {k: v for k, v in info.items() if k not in ("data", "resumed_from", "skipped_checkpoints")}
         shown["trainable_params"] = f"{info['trainable_params']:,} ({100 * info['trainable_params'] / info['total_params']:.2f}% of {info['total_params']:,})"
         del shown["total_params"]
-        if info["resumed_from"]:
-            shown["resumed_from"] = info["resumed_from"]
         out.print(_kv_table("qlora train", shown))
 
     result = run_training(config, resume=resume, force=force, on_ready=on_ready)
