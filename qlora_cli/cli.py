@@ -61,6 +61,14 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*paged.*")
 
 
+def _one_line(message: str) -> str:
+    """The message as one printable line, safe from rich markup: a key or value quoted from a
+    recipe may hold line breaks (\\n, \\x85, \\u2028), control characters or `[brackets]`."""
+    from rich.markup import escape
+
+    return escape("".join(char if char.isprintable() else repr(char)[1:-1] for char in message))
+
+
 def handle_errors(command: Callable) -> Callable:
     """Run a command; turn a QloraError or Ctrl-C into one line and an exit code."""
 
@@ -73,7 +81,7 @@ def handle_errors(command: Callable) -> Callable:
         except QloraError as exc:
             if _state["debug"]:
                 raise
-            err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            err.print(f"[bold red]error:[/] {_one_line(str(exc))}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
