@@ -15,7 +15,7 @@ import shutil
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from qlora_cli.errors import ResourceError
 
@@ -23,8 +23,9 @@ CHECKPOINT_PREFIX = "checkpoint-"
 STAGING_PREFIX = ".tmp-"  # .tmp-checkpoint-N/, .tmp-saving-*/: never matched by checkpoint-*
 TRASH_PREFIX = ".trash-"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# What the Trainer needs to resume exactly: the adapter, optimizer + scheduler, RNG and trainer state.
-REQUIRED_FILES = ("trainer_state.json", "adapter_config.json", ADAPTER_WEIGHTS, "optimizer.pt", "scheduler.pt", "rng_state.pth")
+# What the Trainer needs to resume exactly: the adapter, optimizer + scheduler, RNG and trainer state
+# (RNG: rng_state.pth from one process, rng_state_<rank>.pth from each of several).
+REQUIRED_FILES = ("trainer_state.json", "adapter_config.json", ADAPTER_WEIGHTS, "optimizer.pt", "scheduler.pt")
 # The Trainer also pickles its TrainingArguments; resuming never reads it and recipe.yaml says it all.
 DROPPED_FILES = ("training_args.bin",)
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -58,6 +59,9 @@ def checkpoint_problem(path: Path) -> Optional[str]:
     for name in REQUIRED_FILES:
         if not (path / name).is_file():
             return f"missing {name}"
+    rng_files = sorted(p.name for p in path.glob("rng_state*.pth"))
+    if not rng_files:
+        return "missing rng_state.pth"
     try:
         state = json.loads((path / "trainer_state.json").read_text())
         json.loads((path / "adapter_config.json").read_text())
@@ -72,7 +76,7 @@ def checkpoint_problem(path: Path) -> Optional[str]:
                     return f"non-finite values in {ADAPTER_WEIGHTS} ({key})"
     except (OSError, SafetensorError, RuntimeError, ValueError):
         return f"unreadable {ADAPTER_WEIGHTS}"
-    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+    for name in ("optimizer.pt", "scheduler.pt", *rng_files):
         try:  # torch.save writes a zip; a cut-off file has no central directory
             with zipfile.ZipFile(path / name) as archive:
                 if not archive.namelist():
@@ -97,7 +101,10 @@ def remove_leftovers(output_dir: Path) -> None:
     """Delete what a killed run left half-written: staging folders, trash, temporary files."""
     for item in Path(output_dir).iterdir():
         if item.name.startswith((STAGING_PREFIX, TRASH_PREFIX)) or item.name.endswith(".tmp"):
-            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item, ignore_errors=True)  # every rank of a multi-process run may be at it
+            else:
+                item.unlink(missing_ok=True)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -147,35 +154,47 @@ def disk_errors(what: str, output_dir: Path) -> Iterator[None]:
 
 
 @contextmanager
-def staged_checkpoint(output_dir: Path, step: int, save_total_limit: Optional[int]) -> Iterator[Path]:
+def staged_checkpoint(
+    output_dir: Path, step: int, save_total_limit: Optional[int], is_main: bool = True, barrier: Callable[[], None] = lambda: None
+) -> Iterator[Path]:
     """Yield a staging root; the Trainer writes `<root>/checkpoint-N` there, which is then
-    renamed to `output_dir/checkpoint-N` and the oldest checkpoints beyond the limit removed."""
+    renamed to `output_dir/checkpoint-N` and the oldest checkpoints beyond the limit removed.
+
+    With several processes, each writes its part into the same staging root and the main one,
+    once all are done (`barrier`), publishes it."""
     output_dir = Path(output_dir)
     name = f"{CHECKPOINT_PREFIX}{step}"
     staging = output_dir / f"{STAGING_PREFIX}{name}"
     try:
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir()
+        if is_main:
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir()
+        barrier()
         yield staging
-        built = staging / name
-        for dropped in DROPPED_FILES:
-            (built / dropped).unlink(missing_ok=True)
-        _fsync_tree(built)
-        final = output_dir / name
-        if final.exists():  # a damaged leftover of the same step, from before a resume
-            _discard(final)
-        os.rename(built, final)
-        _fsync_dir(output_dir)
+        barrier()
+        if is_main:
+            built = staging / name
+            for dropped in DROPPED_FILES:
+                (built / dropped).unlink(missing_ok=True)
+            _fsync_tree(built)
+            final = output_dir / name
+            if final.exists():  # a damaged leftover of the same step, from before a resume
+                _discard(final)
+            os.rename(built, final)
+            _fsync_dir(output_dir)
     except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        if is_main:
+            shutil.rmtree(staging, ignore_errors=True)
         if exc.errno in DISK_ERRNOS:
             raise disk_error(name, exc, output_dir) from exc
         raise
-    shutil.rmtree(staging, ignore_errors=True)
-    if save_total_limit:
-        for _, old in _all_checkpoint_dirs(output_dir)[:-save_total_limit]:
-            _discard(old)
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        if save_total_limit:
+            for _, old in _all_checkpoint_dirs(output_dir)[:-save_total_limit]:
+                _discard(old)
+    barrier()
 
 
 def publish_adapter(model, tokenizer, output_dir: Path) -> None:

@@ -125,16 +125,25 @@ class QloraTrainer(Trainer):
         self.loss_guard = loss_guard
         self.quantized_on_cpu = getattr(self.model, "is_loaded_in_4bit", False) and not torch.cuda.is_available()
         self._staging_root: Optional[Path] = None
+        self._nonfinite_in_step = False
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.loss_guard.bad_step is not None:  # the step is lost anyway: skip its other micro-batches
+        distributed = self.args.world_size > 1
+        if self.loss_guard.bad_step is not None and not distributed:  # the step is lost: skip its other micro-batches
             return torch.zeros((), device=self.args.device)
         if self.quantized_on_cpu:
             modeling.unpack_cpu_4bit_weights(model)
         self.token_meter.add(real_tokens(inputs), self.state)
         loss = super().training_step(model, inputs, num_items_in_batch)
         # One sync per micro-batch, as the Trainer's own logging_nan_inf_filter (off here) would do.
-        if not torch.isfinite(loss):
+        self._nonfinite_in_step = self._nonfinite_in_step or not bool(torch.isfinite(loss))
+        if distributed:
+            if not self.accelerator.sync_gradients:
+                return loss
+            # Ranks must agree at the step's last micro-batch, or one stops (and skips a save) while the others wait for it.
+            flag = torch.tensor(float(self._nonfinite_in_step), device=self.args.device)
+            self._nonfinite_in_step = bool(self.accelerator.reduce(flag, reduction="sum") > 0)
+        if self._nonfinite_in_step:
             self.loss_guard.trip(self.state.global_step + 1, "loss", self.control)
         return loss
 
@@ -156,7 +165,9 @@ class QloraTrainer(Trainer):
             self.loss_guard.trip(self.state.global_step, "the adapter weights", self.control)
             return
         run_dir = Path(super()._get_output_dir(trial))
-        with checkpointing.staged_checkpoint(run_dir, self.state.global_step, self.args.save_total_limit) as staging:
+        with checkpointing.staged_checkpoint(
+            run_dir, self.state.global_step, self.args.save_total_limit, self.args.should_save, self.accelerator.wait_for_everyone
+        ) as staging:
             self._staging_root = staging
             try:
                 super()._save_checkpoint(model, trial)
