@@ -19,6 +19,7 @@ from qlora_cli.cli import app
 from qlora_cli.config import validate_recipe
 from qlora_cli.errors import ResourceError, TrainingError
 from qlora_cli.train import QloraTrainer, run_training
+from tests.conftest import write_jsonl
 
 runner = CliRunner()
 
@@ -252,3 +253,54 @@ def test_only_safetensors_weights_and_no_remote_code(recipe_dict, tmp_path, monk
     modeling.load_tokenizer(trusting.model)
     modeling.load_base_model(trusting)
     assert calls == [("AutoTokenizer", True), ("AutoModelForCausalLM", True)]
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("good")
+    rows = [{"messages": [{"role": "user", "content": "what topic is cat ?"}, {"role": "assistant", "content": "music"}]}] * 4
+    recipe = validate_recipe({
+        "model": {"path": str(tiny_model_dir)},
+        "quantization": {"bits": 16},
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"train": str(write_jsonl(folder / "train.jsonl", rows)), "format": "chat"},
+        "train": {"max_steps": 1, "micro_batch_size": 4, "save_steps": 1, "optimizer": "adamw_torch"},
+        "output": {"dir": str(folder / "run")},
+    })
+    run_training(recipe, show_progress=False)
+    return folder / "run" / "checkpoint-1"
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _nan_weights(path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    first = next(iter(tensors))
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    save_file(tensors, path)
+
+
+@pytest.mark.parametrize("name, damage, problem", [
+    ("trainer_state.json", Path.unlink, "missing trainer_state.json"),
+    ("adapter_model.safetensors", Path.unlink, "missing adapter_model.safetensors"),
+    ("optimizer.pt", Path.unlink, "missing optimizer.pt"),
+    ("scheduler.pt", Path.unlink, "missing scheduler.pt"),
+    ("rng_state.pth", Path.unlink, "missing rng_state.pth"),
+    ("trainer_state.json", _truncate, "unreadable trainer_state.json"),
+    ("adapter_model.safetensors", _truncate, "unreadable adapter_model.safetensors"),
+    ("optimizer.pt", _truncate, "unreadable optimizer.pt"),
+    ("rng_state.pth", _truncate, "unreadable rng_state.pth"),
+    ("adapter_model.safetensors", _nan_weights, "non-finite values in adapter_model.safetensors"),
+])
+def test_every_kind_of_damage_is_detected(good_checkpoint, tmp_path, name, damage, problem):
+    import shutil
+
+    assert checkpoint_problem(good_checkpoint) is None
+    copy = tmp_path / "checkpoint-1"
+    shutil.copytree(good_checkpoint, copy)
+    damage(copy / name)
+    assert checkpoint_problem(copy).startswith(problem)
