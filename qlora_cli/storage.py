@@ -40,7 +40,7 @@ def probe_writable(output_dir: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-            os.unlink(name)
+            Path(name).unlink(missing_ok=True)  # another rank's leftover sweep may have removed it
     except OSError as exc:
         raise ResourceError(
             f"output.dir {output_dir}: cannot write in {target} ({exc.strerror or exc}); fix its permissions or choose another output.dir"
