@@ -136,6 +136,7 @@ def test_killed_training_always_resumes_from_an_intact_checkpoint(signum, forkse
     if process.is_alive() or process.exitcode is None:
         process.join(120)
     assert process.exitcode == 0, log.read_text()[-3000:]
+    print(f"{signal.Signals(signum).name}: {kills} kills, {resumes} resumes, {torn_by_kill} left a half-written staging folder")
     assert kills >= 2 and resumes >= 2, (kills, resumes)
     if signum == signal.SIGKILL:
         assert torn_by_kill >= 1, "at least one kill must land while a checkpoint is being written"
