@@ -85,6 +85,8 @@ def _set(recipe: dict, dotted: str, value) -> dict:
 
 @FUZZ
 @example(key="data.train", value=[])  # found by this test: an empty list crashed the data loader
+@example(key="model. \x85", value=None)  # found by this test: a line break inside a quoted key split the error line
+@example(key="model.[/x]", value=1)  # a key that reads as rich markup crashed the error printer
 @given(key=st.sampled_from(valid_keys()) | st.builds("{}.{}".format, st.sampled_from(["model", "lora", "data", "train"]), text), value=values)
 def test_any_value_in_any_field(base_recipe, key, value):
     folder, recipe = base_recipe
