@@ -106,23 +106,35 @@ class ProgressDisplay(TrainerCallback):
 
 
 class NonFiniteLossGuard(TrainerCallback):
-    """Stop at the first logged NaN/inf loss rather than train on garbage."""
+    """Stop at the first NaN/inf loss (QloraTrainer checks every micro-batch; a logged loss is a
+    second net) or non-finite adapter weights, before anything from that step is saved."""
 
     def __init__(self):
         self.bad_step: Optional[int] = None
+        self.what = "loss"
+
+    def trip(self, step: int, what: str, control) -> None:
+        if self.bad_step is None:
+            self.bad_step, self.what = step, what
+        control.should_training_stop = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
         if isinstance(loss, float) and not math.isfinite(loss):
-            self.bad_step = state.global_step
-            control.should_training_stop = True
+            self.trip(state.global_step, "loss", control)
 
-    def raise_if_tripped(self) -> None:
-        if self.bad_step is not None:
-            raise TrainingError(
-                f"loss became non-finite at step {self.bad_step}; lower train.learning_rate, or use bf16/fp32 "
-                "instead of fp16 (overflow); the last saved checkpoint is intact"
-            )
+    def raise_if_tripped(self, last_checkpoint: Optional[Path] = None) -> None:
+        if self.bad_step is None:
+            return
+        if last_checkpoint is not None:
+            kept = f"the last good checkpoint {last_checkpoint.name} is intact (`qlora train {last_checkpoint.parent} --resume` continues from it)"
+        else:
+            kept = "no checkpoint had been saved before it"
+        raise TrainingError(
+            f"{self.what} became NaN/inf at step {self.bad_step}; training stopped and nothing from that step was saved; {kept}. "
+            "Usual causes: fp16 overflow (use model.dtype bfloat16 or float32), a learning rate too high (lower train.learning_rate), "
+            "or a bad data row"
+        )
 
 
 class StopOnSignal(TrainerCallback):

@@ -61,6 +61,14 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*paged.*")
 
 
+def _one_line(message: str) -> str:
+    """The message as one printable line, safe from rich markup: a key or value quoted from a
+    recipe may hold line breaks (\\n, \\x85, \\u2028), control characters or `[brackets]`."""
+    from rich.markup import escape
+
+    return escape("".join(char if char.isprintable() else repr(char)[1:-1] for char in message))
+
+
 def handle_errors(command: Callable) -> Callable:
     """Run a command; turn a QloraError or Ctrl-C into one line and an exit code."""
 
@@ -73,7 +81,7 @@ def handle_errors(command: Callable) -> Callable:
         except QloraError as exc:
             if _state["debug"]:
                 raise
-            err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            err.print(f"[bold red]error:[/] {_one_line(str(exc))}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
@@ -155,11 +163,13 @@ def train(
         raise typer.Exit(distributed.relaunch(nproc, argv))
 
     def on_ready(info: dict) -> None:
-        shown = {k: v for k, v in info.items() if k not in ("data", "resumed_from")}
+        for note in info.get("skipped_checkpoints", []):
+            err.print(f"[yellow]warning:[/] skipping damaged {note}", soft_wrap=True)
+        if info["resumed_from"]:
+            err.print(f"resuming from {info['resumed_from']}", soft_wrap=True)
+        shown = {k: v for k, v in info.items() if k not in ("data", "resumed_from", "skipped_checkpoints")}
         shown["trainable_params"] = f"{info['trainable_params']:,} ({100 * info['trainable_params'] / info['total_params']:.2f}% of {info['total_params']:,})"
         del shown["total_params"]
-        if info["resumed_from"]:
-            shown["resumed_from"] = info["resumed_from"]
         out.print(_kv_table("qlora train", shown))
 
     result = run_training(config, resume=resume, force=force, on_ready=on_ready)

@@ -97,6 +97,15 @@ class DataSection(_Section):
     )
     max_rows: Optional[int] = Field(None, gt=0, description="Use only the first N training rows (for quick trials).")
 
+    @field_validator("train", "eval")
+    @classmethod
+    def _names_a_source(cls, value):
+        if isinstance(value, list) and not value or isinstance(value, str) and not value.strip():
+            raise ValueError("must name at least one file, dataset folder or hub id")
+        if isinstance(value, list) and any(not item.strip() for item in value):
+            raise ValueError("has an empty entry; give file, dataset folder or hub id names")
+        return value
+
 
 class TrainSection(_Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")

@@ -55,8 +55,8 @@ EXIT_CODES = {
     2: "invalid recipe or option (ConfigError)",
     3: "bad or empty dataset (DataError)",
     4: "model, adapter or tokenizer problem (ModelError)",
-    5: "not enough memory/disk, or output directory in the way (ResourceError)",
+    5: "not enough memory/disk, output directory unwritable or in the way, or disk full while saving (ResourceError)",
     6: "a verification failed, e.g. merge drift (VerificationError)",
-    7: "training stopped, e.g. non-finite loss (TrainingError)",
-    130: "interrupted (Ctrl-C); a checkpoint was saved where possible",
+    7: "training stopped: loss or adapter weights became NaN/inf; the last good checkpoint is kept (TrainingError)",
+    130: "interrupted (Ctrl-C or SIGTERM); a checkpoint was saved where possible",
 }

@@ -4,9 +4,7 @@ directory (PEFT adapter, tokenizer, resolved recipe.yaml, metrics.json, checkpoi
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +14,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from qlora_cli import distributed, kernels, modeling
+from qlora_cli import checkpointing, distributed, kernels, modeling, storage
 from qlora_cli.atomic import write_text_atomic
 from qlora_cli.callbacks import NonFiniteLossGuard, ProgressDisplay, StopOnSignal, TokenMeter, write_metrics
 from qlora_cli.collate import build_collator, real_tokens
@@ -24,7 +22,8 @@ from qlora_cli.config import Recipe, recipe_to_yaml
 from qlora_cli.data import check_sources, load_splits
 from qlora_cli.errors import ConfigError, ResourceError
 
-CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_PREFIX = checkpointing.CHECKPOINT_PREFIX
+checkpoints = checkpointing.checkpoints
 _OPTIMIZERS = {
     "paged_adamw_8bit": "paged_adamw_8bit",
     "paged_adamw_32bit": "paged_adamw_32bit",
@@ -33,18 +32,11 @@ _OPTIMIZERS = {
 }
 
 
-def checkpoints(output_dir: Path) -> list[Path]:
-    """Intact checkpoints, oldest first (a torn one lacks its trainer state)."""
-    found = []
-    for path in output_dir.glob(CHECKPOINT_PREFIX + "*"):
-        step = path.name[len(CHECKPOINT_PREFIX):]
-        if path.is_dir() and step.isdigit() and (path / "trainer_state.json").is_file():
-            found.append((int(step), path))
-    return [path for _, path in sorted(found)]
-
-
-def preflight(recipe: Recipe, resume: bool, force: bool, here: Optional[distributed.World] = None) -> Optional[Path]:
-    """Cheap checks before loading anything; returns the checkpoint to resume from.
+def preflight(
+    recipe: Recipe, resume: bool, force: bool, here: Optional[distributed.World] = None
+) -> tuple[Optional[Path], list[str]]:
+    """Cheap checks before loading anything; returns the checkpoint to resume from and the
+    damaged newer checkpoints it skips (one note each).
 
     In a multi-process run only rank 0 writes, so only rank 0 checks the output directory
     (the others would find what rank 0 has begun writing there).
@@ -63,23 +55,22 @@ def preflight(recipe: Recipe, resume: bool, force: bool, here: Optional[distribu
         raise ResourceError(f"output.dir {output_dir} is a file; choose a directory path")
     occupied = output_dir.is_dir() and any(output_dir.iterdir())
     if resume:
-        found = checkpoints(output_dir) if output_dir.is_dir() else []
-        if not found:
+        storage.probe_writable(output_dir)
+        found, skipped = checkpointing.newest_intact(output_dir) if output_dir.is_dir() else (None, [])
+        if found is None and skipped:
+            raise ConfigError(f"--resume: no intact checkpoint in {output_dir} (damaged: {', '.join(skipped)}); use --force to start over")
+        if found is None:
             raise ConfigError(f"--resume: no checkpoint in {output_dir} to resume from; run without --resume")
-        distributed.check_resume_world(found[-1], here)
-        return found[-1]
+        distributed.check_resume_world(found, here)
+        return found, skipped
     if not here.is_main:
-        return None
+        return None, []
     if occupied and not force:
         raise ResourceError(
             f"output.dir {output_dir} is not empty; use --resume to continue it, --force to overwrite it, or --set output.dir=NEW"
         )
-    parent = output_dir.parent if not output_dir.exists() else output_dir
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise ResourceError(f"output.dir {output_dir}: {parent} is not writable; choose another output.dir")
-    return None
+    storage.probe_writable(output_dir)
+    return None, []
 
 
 def precision_flags(dtype: torch.dtype) -> dict:
@@ -129,22 +120,74 @@ def build_training_args(recipe: Recipe, dtype: torch.dtype, has_eval: bool, mode
     )
 
 
-class QloraTrainer(Trainer):
-    """The HF Trainer plus two things done at every micro-batch: count non-padding tokens,
-    and restore 4-bit weights that a CPU evaluation repacked (see modeling.unpack_cpu_4bit_weights)."""
+def trainable_finite(model) -> bool:
+    """Whether every trainable (adapter) weight is finite; one device sync."""
+    flags = [torch.isfinite(p).all() for p in model.parameters() if p.requires_grad]
+    return bool(torch.stack(flags).all()) if flags else True
 
-    def __init__(self, *args, token_meter: TokenMeter, loss_kernel: kernels.LossKernel, **kwargs):
+
+class QloraTrainer(Trainer):
+    """The HF Trainer plus, at every micro-batch: count non-padding tokens (over all ranks),
+    restore 4-bit weights that a CPU evaluation repacked (see modeling.unpack_cpu_4bit_weights),
+    stop on a NaN/inf loss, and compute the loss with the selected kernel (kernels.py); and
+    checkpoints written whole or not at all (see checkpointing.staged_checkpoint)."""
+
+    def __init__(self, *args, token_meter: TokenMeter, loss_guard: NonFiniteLossGuard, loss_kernel: kernels.LossKernel, **kwargs):
         super().__init__(*args, **kwargs)
         self.token_meter = token_meter
+        self.loss_guard = loss_guard
         self.loss_kernel = loss_kernel
         self.quantized_on_cpu = getattr(self.model, "is_loaded_in_4bit", False) and not torch.cuda.is_available()
+        self._staging_root: Optional[Path] = None
+        self._nonfinite_in_step = False
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        several = self.args.world_size > 1
+        if self.loss_guard.bad_step is not None and not several:  # the step is lost: skip its other micro-batches
+            return torch.zeros((), device=self.args.device)
         if self.quantized_on_cpu:
             modeling.unpack_cpu_4bit_weights(model)
         # Tokens of all ranks: throughput and tokens_seen count the whole job, not one process.
         self.token_meter.add(distributed.all_reduce_sum(real_tokens(inputs), self.args.device), self.state)
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # One sync per micro-batch, as the Trainer's own logging_nan_inf_filter (off here) would do.
+        self._nonfinite_in_step = self._nonfinite_in_step or not bool(torch.isfinite(loss))
+        if several:
+            if not self.accelerator.sync_gradients:
+                return loss
+            # Ranks must agree at the step's last micro-batch, or one stops (and skips a save) while the others wait for it.
+            flag = torch.tensor(float(self._nonfinite_in_step), device=self.args.device)
+            self._nonfinite_in_step = bool(self.accelerator.reduce(flag, reduction="sum") > 0)
+        if self._nonfinite_in_step:
+            self.loss_guard.trip(self.state.global_step + 1, "loss", self.control)
+        return loss
+
+    def _run_epoch(self, *args, **kwargs):
+        # Resuming from the final checkpoint (its adapter or metrics were never written) must not
+        # train a step past max_steps, which the Trainer does when max_steps ends mid-epoch.
+        if self.state.global_step >= self.state.max_steps > 0:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def _get_output_dir(self, trial) -> str:
+        return str(self._staging_root) if self._staging_root is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        if self.loss_guard.bad_step is not None:
+            return
+        if not trainable_finite(model):
+            self.loss_guard.trip(self.state.global_step, "the adapter weights", self.control)
+            return
+        run_dir = Path(super()._get_output_dir(trial))
+        with checkpointing.staged_checkpoint(
+            run_dir, self.state.global_step, self.args.save_total_limit, self.args.should_save, self.accelerator.wait_for_everyone
+        ) as staging:
+            self._staging_root = staging
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging_root = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs or not self.loss_kernel.fused or "labels" not in inputs:
@@ -165,18 +208,6 @@ class TrainResult:
     is_main: bool = True  # False on ranks > 0 of a multi-process run: they report nothing
 
 
-def save_adapter(model, tokenizer, output_dir: Path, state_dict: Optional[dict] = None) -> None:
-    """Write the adapter and tokenizer beside each other, each file replaced atomically."""
-    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=output_dir))
-    try:
-        model.save_pretrained(staging, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
-        tokenizer.save_pretrained(staging)
-        for item in staging.iterdir():
-            os.replace(item, output_dir / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def run_training(
     recipe: Recipe,
     resume: bool = False,
@@ -188,7 +219,7 @@ def run_training(
     """Train the adapter the recipe describes and save the run directory."""
     started = time.perf_counter()
     here = distributed.world()
-    resume_from = preflight(recipe, resume, force, here)
+    resume_from, skipped = preflight(recipe, resume, force, here)
     tokenizer = modeling.load_tokenizer(recipe.model)
     train_set, eval_set, train_stats, eval_stats = load_splits(recipe.data, tokenizer, recipe.train.seed)
 
@@ -204,10 +235,13 @@ def run_training(
 
     output_dir = Path(recipe.output.dir)
     if here.is_main:
+        storage.check_free_space(recipe, trainable, reclaimable=force)
         if force and output_dir.exists():
             shutil.rmtree(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(output_dir / "recipe.yaml", recipe_to_yaml(recipe))
+        checkpointing.remove_leftovers(output_dir)
+        with checkpointing.disk_errors("recipe.yaml", output_dir):
+            write_text_atomic(output_dir / "recipe.yaml", recipe_to_yaml(recipe))
 
     info = {
         "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
@@ -224,12 +258,14 @@ def run_training(
         "eval_rows": eval_stats.kept if eval_stats else 0,
         "train_tokens": train_stats.tokens,
         "resumed_from": str(resume_from) if resume_from else None,
+        "skipped_checkpoints": skipped,
         "data": train_stats.summary(),
     }
     if on_ready and here.is_main:
         on_ready(info)
 
     meter, stop, guard = TokenMeter(), StopOnSignal(), NonFiniteLossGuard()
+    display = ProgressDisplay(meter, enabled=show_progress and here.is_main)
     trainer = QloraTrainer(
         model=model,
         args=build_training_args(recipe, dtype, eval_set is not None, model),
@@ -237,30 +273,40 @@ def run_training(
         eval_dataset=eval_set,
         data_collator=build_collator(recipe.data.packing, tokenizer.pad_token_id, torch.cuda.is_available()),
         processing_class=tokenizer,
-        callbacks=[*callbacks, meter, ProgressDisplay(meter, enabled=show_progress and here.is_main), stop, guard],
+        callbacks=[*callbacks, meter, display, stop, guard],
         token_meter=meter,
+        loss_guard=guard,
         loss_kernel=loss_kernel,
     )
     for default_display in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(default_display)
 
+    # The signal handler stays until the final files are written: a SIGTERM after the last step
+    # lets them finish instead of killing the process halfway through them.
     stop.install()
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        finally:
+            display.on_train_end(trainer.args, trainer.state, trainer.control)  # also after an error
         interrupted = stop.requested
         if eval_set is not None and not interrupted and guard.bad_step is None:
             trainer.evaluate()
+        extra = {key: info[key] for key in ("device", "compute_dtype", "quantization", "trainable_params", "total_params", "train_rows", "eval_rows")}
+        extra["wall_time_s"] = round(time.perf_counter() - started, 1)
+        extra["processes"] = here.size
+        metrics = {}
+        if here.is_main:
+            with checkpointing.disk_errors("metrics.json", output_dir):
+                metrics = write_metrics(output_dir / "metrics.json", trainer.state, meter, extra)
+        if guard.bad_step is None and not trainable_finite(trainer.model):
+            guard.trip(trainer.state.global_step, "the adapter weights", trainer.control)
+        guard.raise_if_tripped(checkpointing.newest_intact(output_dir)[0])
+        if not interrupted:
+            # Under FSDP every rank takes part in gathering the full adapter; only rank 0 writes it.
+            state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+            if here.is_main:
+                checkpointing.publish_adapter(trainer.model, tokenizer, output_dir, state_dict)
     finally:
         stop.uninstall()
-
-    extra = {key: info[key] for key in ("device", "compute_dtype", "quantization", "trainable_params", "total_params", "train_rows", "eval_rows")}
-    extra["wall_time_s"] = round(time.perf_counter() - started, 1)
-    extra["processes"] = here.size
-    metrics = write_metrics(output_dir / "metrics.json", trainer.state, meter, extra) if here.is_main else {}
-    guard.raise_if_tripped()
-    if not interrupted:
-        # Under FSDP every rank takes part in gathering the full adapter; only rank 0 writes it.
-        state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
-        if here.is_main:
-            save_adapter(trainer.model, tokenizer, output_dir, state_dict)
     return TrainResult(output_dir=output_dir, metrics=metrics, interrupted=interrupted, info=info, is_main=here.is_main)
