@@ -16,7 +16,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from qlora_cli import modeling
+from qlora_cli import modeling, plots, trackers
 from qlora_cli.atomic import write_text_atomic
 from qlora_cli.callbacks import NonFiniteLossGuard, ProgressDisplay, StopOnSignal, TokenMeter, write_metrics
 from qlora_cli.collate import build_collator, real_tokens
@@ -134,6 +134,10 @@ class QloraTrainer(Trainer):
         self.token_meter.add(real_tokens(inputs), self.state)
         return super().training_step(model, inputs, num_items_in_batch)
 
+    def log(self, logs, start_time=None):
+        logs.setdefault(plots.TOKENS_KEY, self.state.num_input_tokens_seen)  # loss against tokens, in metrics.json and trackers
+        super().log(logs, start_time)
+
 
 @dataclass
 class TrainResult:
@@ -166,6 +170,7 @@ def run_training(
     """Train the adapter the recipe describes and save the run directory."""
     started = time.perf_counter()
     resume_from = preflight(recipe, resume, force)
+    trackers.prepare(recipe.train.report_to, Path(recipe.output.dir))
     tokenizer = modeling.load_tokenizer(recipe.model)
     train_set, eval_set, train_stats, eval_stats = load_splits(recipe.data, tokenizer, recipe.train.seed)
 
@@ -214,6 +219,7 @@ def run_training(
     )
     for default_display in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(default_display)
+    trackers.point_into_run(trainer, output_dir)
 
     stop.install()
     try:
@@ -227,6 +233,7 @@ def run_training(
     extra = {key: info[key] for key in ("device", "compute_dtype", "quantization", "trainable_params", "total_params", "train_rows", "eval_rows")}
     extra["wall_time_s"] = round(time.perf_counter() - started, 1)
     metrics = write_metrics(output_dir / "metrics.json", trainer.state, meter, extra)
+    plots.write_loss_plot(output_dir, metrics)
     guard.raise_if_tripped()
     if not interrupted:
         save_adapter(trainer.model, tokenizer, output_dir)
