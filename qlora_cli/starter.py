@@ -56,24 +56,22 @@ def _label(bits: int, checkpointing: bool) -> str:
 
 
 def choose(arch: Architecture, plan: Plan, gpu: Gpu) -> Choice:
-    """The most preferred (bits, checkpointing) that fits 2 rows of TARGET_SEQ_LEN, else 1 row,
-    else the longest rows that fit at 4-bit with checkpointing; the largest micro-batch that fits."""
+    """The most preferred (bits, checkpointing) in which a row of TARGET_SEQ_LEN tokens fits, with
+    the largest micro-batch that fits; else the longest rows that fit at 4-bit with checkpointing."""
     budget = int(gpu.bytes * (1 - HEADROOM))
+    usable = f"{budget / GIB:.1f} GiB usable"
     plan = plan.with_changes(seq_len=TARGET_SEQ_LEN, micro_batch=1)
     total = lambda bits, checkpointing, **changes: estimate(  # noqa: E731
         arch, plan.with_changes(bits=bits, gradient_checkpointing=checkpointing, **changes)).total
-    for min_batch in (2, 1):
-        for index, (bits, checkpointing) in enumerate(CANDIDATES):
-            fits = lambda n: total(bits, checkpointing, micro_batch=n) <= budget  # noqa: E731, B023
-            batch = largest_fitting(fits, min_batch, MAX_MICRO_BATCH)
-            if batch is None:
-                continue
-            batch = _power_of_two_floor(batch)
-            passed = [f"{_label(*better)} needs {total(*better, micro_batch=min_batch) / GIB:.1f} GiB" for better in CANDIDATES[:index]]
-            rows = f"{min_batch} row{'s' if min_batch > 1 else ''} of {TARGET_SEQ_LEN} tokens"
-            usable = f"{budget / GIB:.1f} GiB usable"
-            reason = f"for {rows}, " + ", ".join(passed) + f" ({usable})" if passed else f"the most accurate and fastest setting fits ({usable})"
-            return Choice(bits, checkpointing, batch, TARGET_SEQ_LEN, total(bits, checkpointing, micro_batch=batch), reason)
+    for index, (bits, checkpointing) in enumerate(CANDIDATES):
+        fits = lambda n: total(bits, checkpointing, micro_batch=n) <= budget  # noqa: E731, B023
+        batch = largest_fitting(fits, 1, MAX_MICRO_BATCH)
+        if batch is None:
+            continue
+        batch = _power_of_two_floor(batch)
+        passed = [f"{_label(*better)} needs {total(*better) / GIB:.1f} GiB" for better in CANDIDATES[:index]]
+        reason = (f"for one row of {TARGET_SEQ_LEN} tokens, " + ", ".join(passed) if passed else "the most accurate and fastest setting fits")
+        return Choice(bits, checkpointing, batch, TARGET_SEQ_LEN, total(bits, checkpointing, micro_batch=batch), f"{reason} ({usable})")
     fits = lambda n: total(4, True, seq_len=n) <= budget  # noqa: E731
     seq = largest_fitting(fits, MIN_SEQ_LEN, TARGET_SEQ_LEN - 1)
     if seq is None:
@@ -85,7 +83,7 @@ def choose(arch: Architecture, plan: Plan, gpu: Gpu) -> Choice:
             f"tokens ({smallest / GIB:.1f} GiB estimated, {budget / GIB:.1f} GiB usable); {tip}"
         )
     seq = seq // SEQ_STEP * SEQ_STEP
-    reason = f"one row of {TARGET_SEQ_LEN} tokens needs {total(4, True) / GIB:.1f} GiB even at 4-bit with checkpointing; rows cut to {seq}"
+    reason = f"one row of {TARGET_SEQ_LEN} tokens needs {total(4, True) / GIB:.1f} GiB even at 4-bit with checkpointing; rows cut to {seq} ({usable})"
     return Choice(4, True, 1, seq, total(4, True, seq_len=seq), reason)
 
 
