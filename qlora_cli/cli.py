@@ -320,24 +320,14 @@ def report(
     as_json: bool = JsonOption,
 ) -> None:
     """Summarise runs side by side: recipe differences, losses, eval scores, tokens/s, memory, time; draw their curves."""
-    from qlora_cli.report import draw_report, evaluated_models, load_runs, table_rows, to_json
+    from qlora_cli.report import draw_report, load_runs, summary_table, to_json
 
     runs = load_runs(run_dirs)
     drawn = draw_report(runs, output) if plot else None
     if as_json:
         print(json.dumps(to_json(runs, drawn)))
         return
-    table = Table(title="qlora report", title_justify="left")
-    table.add_column("")
-    for run in runs:
-        table.add_column(run.label, justify="right", overflow="fold")
-    for name, cells in table_rows(runs).items():
-        table.add_row(name, *cells)
-    models = evaluated_models(runs)
-    if models:
-        table.caption = f"evaluate: {' → '.join(models)}, from eval.json (`qlora evaluate`)"
-        table.caption_justify = "left"
-    out.print(table)
+    out.print(summary_table(runs))
     if drawn:
         out.print(f"wrote {drawn}")
 

@@ -169,6 +169,23 @@ def evaluated_models(runs: list[Run]) -> list[str]:
     return names
 
 
+def summary_table(runs: list[Run]):
+    """The rich table `qlora report` prints: a row per fact, a column per run."""
+    from rich.table import Table
+
+    table = Table(title="qlora report", title_justify="left")
+    table.add_column("")
+    for run in runs:
+        table.add_column(run.label, justify="right", overflow="fold")
+    for name, cells in table_rows(runs).items():
+        table.add_row(name, *cells)
+    models = evaluated_models(runs)
+    if models:
+        table.caption = f"evaluate: {' → '.join(models)}, from eval.json (`qlora evaluate`)"
+        table.caption_justify = "left"
+    return table
+
+
 def to_json(runs: list[Run], plot: Optional[Path]) -> dict:
     return {
         "runs": [
