@@ -14,7 +14,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from qlora_cli import checkpointing, distributed, kernels, modeling, storage
+from qlora_cli import checkpointing, distributed, kernels, modeling, plots, storage, trackers
 from qlora_cli.atomic import write_text_atomic
 from qlora_cli.callbacks import NonFiniteLossGuard, ProgressDisplay, StopOnSignal, TokenMeter, write_metrics
 from qlora_cli.collate import build_collator, real_tokens
@@ -162,6 +162,10 @@ class QloraTrainer(Trainer):
             self.loss_guard.trip(self.state.global_step + 1, "loss", self.control)
         return loss
 
+    def log(self, logs, start_time=None):
+        logs.setdefault(plots.TOKENS_KEY, self.state.num_input_tokens_seen)  # loss against tokens, in metrics.json and trackers
+        super().log(logs, start_time)
+
     def _run_epoch(self, *args, **kwargs):
         # Resuming from the final checkpoint (its adapter or metrics were never written) must not
         # train a step past max_steps, which the Trainer does when max_steps ends mid-epoch.
@@ -220,6 +224,7 @@ def run_training(
     started = time.perf_counter()
     here = distributed.world()
     resume_from, skipped = preflight(recipe, resume, force, here)
+    trackers.prepare(recipe.train.report_to, Path(recipe.output.dir))
     tokenizer = modeling.load_tokenizer(recipe.model)
     train_set, eval_set, train_stats, eval_stats = load_splits(recipe.data, tokenizer, recipe.train.seed)
 
@@ -280,6 +285,7 @@ def run_training(
     )
     for default_display in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(default_display)
+    trackers.point_into_run(trainer, output_dir)
 
     # The signal handler stays until the final files are written: a SIGTERM after the last step
     # lets them finish instead of killing the process halfway through them.
@@ -299,6 +305,7 @@ def run_training(
         if here.is_main:
             with checkpointing.disk_errors("metrics.json", output_dir):
                 metrics = write_metrics(output_dir / "metrics.json", trainer.state, meter, extra)
+            plots.write_loss_plot(output_dir, metrics)
         if guard.bad_step is None and not trainable_finite(trainer.model):
             guard.trip(trainer.state.global_step, "the adapter weights", trainer.control)
         guard.raise_if_tripped(checkpointing.newest_intact(output_dir)[0])
