@@ -16,7 +16,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from qlora_cli import modeling
+from qlora_cli import adapters, bottleneck, layer_lr, modeling
 from qlora_cli.atomic import write_text_atomic
 from qlora_cli.callbacks import NonFiniteLossGuard, ProgressDisplay, StopOnSignal, TokenMeter, write_metrics
 from qlora_cli.collate import build_collator, real_tokens
@@ -48,6 +48,7 @@ def preflight(recipe: Recipe, resume: bool, force: bool) -> Optional[Path]:
     if resume and force:
         raise ConfigError("--resume and --force contradict each other; pick one")
     modeling.check_model_path(recipe.model.path)
+    adapters.preflight(recipe)
     check_sources(recipe.data.train, "data.train")
     if recipe.data.eval:
         check_sources(recipe.data.eval, "data.eval")
@@ -123,9 +124,10 @@ class QloraTrainer(Trainer):
     """The HF Trainer plus two things done at every micro-batch: count non-padding tokens,
     and restore 4-bit weights that a CPU evaluation repacked (see modeling.unpack_cpu_4bit_weights)."""
 
-    def __init__(self, *args, token_meter: TokenMeter, **kwargs):
+    def __init__(self, *args, token_meter: TokenMeter, layer_lr_decay: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.token_meter = token_meter
+        self.layer_lr_decay = layer_lr_decay
         self.quantized_on_cpu = getattr(self.model, "is_loaded_in_4bit", False) and not torch.cuda.is_available()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -133,6 +135,32 @@ class QloraTrainer(Trainer):
             modeling.unpack_cpu_4bit_weights(model)
         self.token_meter.add(real_tokens(inputs), self.state)
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with one parameter group per layer depth when layer-wise LR scaling is on."""
+        if self.layer_lr_decay == 1.0 or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        groups = layer_lr.param_groups(
+            opt_model, self.args.learning_rate, self.layer_lr_decay, self.args.weight_decay,
+            set(self.get_decay_parameter_names(opt_model)), layer_lr.num_decoder_layers(opt_model),
+        )
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _save(self, output_dir=None, state_dict=None):
+        if getattr(self.model, "_qlora_bottleneck", None) is None:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        adapters.save(self.model, Path(output_dir))  # the adapter only, not the frozen base
+        self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        model = self.model if model is None else model
+        if getattr(model, "_qlora_bottleneck", None) is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        bottleneck.load_weights(model, Path(resume_from_checkpoint))
 
 
 @dataclass
@@ -147,7 +175,7 @@ def save_adapter(model, tokenizer, output_dir: Path) -> None:
     """Write the adapter and tokenizer beside each other, each file replaced atomically."""
     staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=output_dir))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        adapters.save(model, staging)
         tokenizer.save_pretrained(staging)
         for item in staging.iterdir():
             os.replace(item, output_dir / item.name)
@@ -175,7 +203,7 @@ def run_training(
     dtype = modeling.compute_dtype(recipe)
     model = modeling.load_base_model(recipe)
     model = modeling.prepare_for_training(model, recipe.train.gradient_checkpointing)
-    model = modeling.attach_adapter(model, recipe.lora)
+    model = adapters.attach(model, recipe)
     trainable, total = modeling.count_parameters(model)
 
     output_dir = Path(recipe.output.dir)
@@ -189,7 +217,9 @@ def run_training(
         "compute_dtype": str(dtype).removeprefix("torch."),
         "quantization": modeling.quantization_label(recipe.quantization),
         "attention": model.config._attn_implementation,
-        "packing": recipe.data.packing,
+        "method": recipe.adapter.method + (f" (init {recipe.lora.init})" if recipe.adapter.method == "lora" and recipe.lora.init != "default" else ""),
+        "packing": recipe.data.packing if not adapters.is_prompt_method(recipe.adapter.method) else
+        f"off ({recipe.adapter.method} adds its virtual tokens once per sequence, so rows are padded, not packed)",
         "trainable_params": trainable,
         "total_params": total,
         "train_rows": train_stats.kept,
@@ -211,6 +241,7 @@ def run_training(
         processing_class=tokenizer,
         callbacks=[*callbacks, meter, ProgressDisplay(meter, enabled=show_progress), stop, guard],
         token_meter=meter,
+        layer_lr_decay=recipe.adapter.layer_lr_decay,
     )
     for default_display in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(default_display)
@@ -230,4 +261,5 @@ def run_training(
     guard.raise_if_tripped()
     if not interrupted:
         save_adapter(trainer.model, tokenizer, output_dir)
+        adapters.finish(trainer.model)
     return TrainResult(output_dir=output_dir, metrics=metrics, interrupted=interrupted, info=info)

@@ -7,7 +7,7 @@ logging), with `auto` settings resolved the way they resolve on a CUDA GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Union
+from typing import Optional, Union
 
 from qlora_cli.config import Recipe
 
@@ -32,6 +32,16 @@ class Plan:
     gradient_checkpointing: bool = True
     optimizer: str = "paged_adamw_8bit"
     attention: str = ATTENTION_AUTO
+    method: str = "lora"  # adapter.method
+    layers: Optional[tuple[int, ...]] = None  # adapter.layers_to_transform
+    unfreeze: tuple[str, ...] = ()
+    ia3_targets: Optional[tuple[str, ...]] = None
+    ia3_feedforward: Optional[tuple[str, ...]] = None
+    num_virtual_tokens: int = 20
+    encoder_hidden_size: int = 128
+    prefix_projection: bool = False
+    bottleneck_size: int = 64
+    bottleneck_placement: tuple[str, ...] = ("attention", "mlp")
 
     @property
     def tokens(self) -> int:
@@ -47,6 +57,26 @@ def _dtype_bytes(recipe: Recipe) -> int:
     if requested == "auto" or recipe.quantization.bits == 16:
         requested = recipe.model.dtype
     return 4 if requested == "float32" else 2  # auto: bf16 (or fp16 on pre-Ampere cards) on a GPU
+
+
+def _method_fields(recipe: Recipe) -> dict:
+    adapter = recipe.adapter
+    method = adapter.method
+    fields = {"method": method, "unfreeze": tuple(adapter.unfreeze),
+              "layers": tuple(adapter.layers_to_transform) if adapter.layers_to_transform else None}
+    if method == "ia3":
+        ia3 = adapter.ia3
+        fields["ia3_targets"] = tuple(ia3.target_modules) if ia3.target_modules else None
+        fields["ia3_feedforward"] = tuple(ia3.feedforward_modules) if ia3.feedforward_modules is not None else None
+    elif method in ("prompt_tuning", "prefix_tuning", "p_tuning"):
+        section = getattr(adapter, method)
+        fields["num_virtual_tokens"] = section.num_virtual_tokens
+        fields["encoder_hidden_size"] = getattr(section, "encoder_hidden_size", 128)
+        fields["prefix_projection"] = getattr(section, "projection", False)
+    elif method == "bottleneck":
+        fields["bottleneck_size"] = adapter.bottleneck.size
+        fields["bottleneck_placement"] = tuple(adapter.bottleneck.placement)
+    return fields
 
 
 def plan_from_recipe(recipe: Recipe) -> Plan:
@@ -69,4 +99,5 @@ def plan_from_recipe(recipe: Recipe) -> Plan:
         gradient_checkpointing=train.gradient_checkpointing,
         optimizer=train.optimizer,
         attention=ATTENTION_AUTO if attention == "auto" else attention,
+        **_method_fields(recipe),
     )
