@@ -207,7 +207,12 @@ def publish_adapter(model, tokenizer, output_dir: Path, state_dict: Optional[dic
     output_dir = Path(output_dir)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX + "saving-", dir=output_dir))
     try:
-        model.save_pretrained(staging, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+        if state_dict is not None:  # gathered from FSDP shards
+            model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
+        else:
+            from qlora_cli import adapters
+
+            adapters.save(model, staging)  # peft adapters, or our bottleneck adapter
         tokenizer.save_pretrained(staging)
         _fsync_tree(staging)
         (output_dir / ADAPTER_WEIGHTS).unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from qlora_cli.adapter_config import AdapterSection, cross_check, method_sections_to_drop, prepare_raw
 from qlora_cli.errors import ConfigError
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -59,6 +60,11 @@ class LoraSection(_Section):
     modules_to_save: Optional[list[str]] = Field(None, description="Extra modules trained in full and saved with the adapter (e.g. [lm_head]).")
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling alpha / sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = Field(
+        "default",
+        description="Initialisation (peft's init_lora_weights): default = Kaiming-uniform A, zero B; gaussian; pissa / olora "
+        "(principal / orthonormal directions, saved converted to plain LoRA); loftq (4-bit nf4 base only).",
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -173,11 +179,17 @@ class DistributedSection(_Section):
 class Recipe(_Section):
     model: ModelSection = Field(description="The base model.")
     quantization: QuantizationSection = Field(default_factory=QuantizationSection, description="How the frozen base is stored.")
-    lora: LoraSection = Field(default_factory=LoraSection, description="The LoRA adapter.")
+    adapter: AdapterSection = Field(default_factory=AdapterSection, description="The PEFT method and selective training.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="The LoRA adapter (adapter.method: lora).")
     data: DataSection = Field(description="Training and evaluation data.")
     train: TrainSection = Field(default_factory=TrainSection, description="Optimisation settings.")
     output: OutputSection = Field(description="Where results go.")
     distributed: DistributedSection = Field(default_factory=DistributedSection, description="Multi-GPU / multi-node training (used only when launched with several processes).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prepare(cls, data):
+        return prepare_raw(data)
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -187,6 +199,7 @@ class Recipe(_Section):
             raise ValueError("FSDP-QLoRA needs the 4-bit weights stored in the compute dtype: set quantization.quant_storage to auto or bfloat16")
         if self.lora.use_dora and self.quantization.bits == 8:
             raise ValueError("lora.use_dora is not supported with an 8-bit base; use bits 4 or 16")
+        cross_check(self)
         return self
 
 
@@ -317,6 +330,8 @@ def _format_validation_error(exc: ValidationError, lines: dict[str, int], source
     if error["type"] == "missing":
         return f"{where}: missing required key `{dotted}`; add it to the recipe (see configs/quickstart.yaml)"
     message = error["msg"]
+    if error["type"] == "value_error" and not dotted:  # a cross-check of the whole recipe says it all
+        return f"{where}: {message.removeprefix('Value error, ')}"
     if error["type"] == "literal_error":
         message = message.replace("Input should be", "must be one of:")
     value = error.get("input")
@@ -353,7 +368,9 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
 
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The resolved recipe (every default spelled out) as YAML text, loadable by load_recipe."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    top, unused = method_sections_to_drop(recipe)
+    data = recipe.model_dump(mode="json", exclude={**{name: True for name in top}, "adapter": unused})
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def recipe_schema() -> dict:

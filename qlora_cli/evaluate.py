@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from qlora_cli import inference, modeling
+from qlora_cli import adapters, inference, modeling
 from qlora_cli.atomic import write_text_atomic
 from qlora_cli.config import Recipe, load_recipe
 from qlora_cli.data import IGNORE_INDEX
@@ -122,8 +122,8 @@ def run_evaluation(
     if "base" in compare or "adapter" in compare:
         model = inference.load_model_as_trained(recipe, adapter_dir if "adapter" in compare else None)
         if "base" in compare:
-            # One loaded base serves both: peft's disable_adapter() runs it without the LoRA.
-            without_adapter = model.disable_adapter() if "adapter" in compare else contextlib.nullcontext()
+            # One loaded base serves both: the adapter is switched off for "base".
+            without_adapter = adapters.only_base(model) if "adapter" in compare else contextlib.nullcontext()
             with without_adapter:
                 results["base"] = score("base", model)
         if "adapter" in compare:

@@ -52,7 +52,14 @@ def load_eval_set(recipe: Recipe, tokenizer, max_samples: Optional[int] = None) 
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:
-    """The adapter's peft config, or a ModelError saying what is missing."""
+    """The adapter's config (peft's, or our bottleneck adapter's), or a ModelError saying what is missing."""
+    from qlora_cli import bottleneck
+
+    settings = bottleneck.read_config(adapter_dir)
+    if settings is not None:
+        if not (Path(adapter_dir) / bottleneck.WEIGHTS_NAME).is_file():
+            raise ModelError(f"{adapter_dir} has {bottleneck.CONFIG_NAME} but no {bottleneck.WEIGHTS_NAME}; the run did not finish saving")
+        return settings
     config_file = Path(adapter_dir) / "adapter_config.json"
     if not config_file.is_file():
         raise ModelError(f"no adapter in {adapter_dir} (adapter_config.json missing); train one with `qlora train` or point at a finished run")
@@ -67,8 +74,7 @@ def read_adapter_config(adapter_dir: Path) -> dict:
 
 def load_model_as_trained(recipe: Recipe, adapter_dir: Optional[Path] = None, bits: Optional[int] = None):
     """The base with the recipe's quantization (or `bits`), plus the adapter (unmerged) when given, for inference."""
-    from peft import PeftModel
-
+    from qlora_cli import adapters
     from qlora_cli.dequantize import speed_up_cpu_inference
 
     if adapter_dir is not None:
@@ -78,9 +84,9 @@ def load_model_as_trained(recipe: Recipe, adapter_dir: Optional[Path] = None, bi
     if adapter_dir is None:
         return model.eval()
     try:
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ModelError(f"cannot load the adapter in {adapter_dir} onto {recipe.model.path}: {str(exc).splitlines()[0][:300]}") from None
+        model = adapters.load_adapters(model, [("default", Path(adapter_dir))])
+    except ModelError as exc:
+        raise ModelError(f"{exc} (base {recipe.model.path})") from None
     return model.eval()
 
 
@@ -179,7 +185,8 @@ def logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Teacher-forced logits in float32 for a right-padded batch."""
     device = model_device(model)
     output = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
-    return output.logits.float()
+    # Prompt / p-tuning prepend virtual tokens: keep the positions of the real ones.
+    return output.logits[:, -batch["input_ids"].shape[1]:].float()
 
 
 @contextlib.contextmanager

@@ -24,13 +24,13 @@ from typing import Optional
 import torch
 
 from qlora_cli import drift, gguf_export, inference, modeling
+from qlora_cli.adapters import MERGEABLE, WHY_NOT_MERGEABLE
 from qlora_cli.config import Recipe, load_recipe
 from qlora_cli.errors import ConfigError, ModelError, ResourceError
 
 BASE_MODES = ("original", "dequantized")
 FORMATS = ("hf", "gguf")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-MERGEABLE = {"LORA"}  # DoRA is LoRA with use_dora; its magnitude vector merges too
 REPORT_NAME = "merge_report.json"
 # Config, tokenizer and generation config files beside the weights, plus filesystem slack.
 _SIDE_FILES_BYTES = 64 * 2**20
@@ -50,9 +50,10 @@ def check_adapter(run_dir: Path) -> dict:
     config = inference.read_adapter_config(run_dir)
     peft_type = str(config.get("peft_type") or "unknown").upper()
     if peft_type not in MERGEABLE:
+        why = WHY_NOT_MERGEABLE.get(peft_type, "only LoRA, DoRA and IA3 adapters fold into the base weights")
         raise ModelError(
-            f"{run_dir} holds a {peft_type} adapter, which cannot be merged: only LoRA / DoRA adapters are weight "
-            "deltas that fold into the base; load this one with peft at inference time instead"
+            f"{run_dir} holds a {peft_type.lower()} adapter, which cannot be merged: {why}; "
+            "use it unmerged (qlora evaluate / qlora generate load it on the base)"
         )
     return config
 

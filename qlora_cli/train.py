@@ -14,7 +14,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from qlora_cli import checkpointing, distributed, kernels, modeling, plots, storage, trackers
+from qlora_cli import adapters, bottleneck, checkpointing, distributed, kernels, layer_lr, modeling, plots, storage, trackers
 from qlora_cli.atomic import write_text_atomic
 from qlora_cli.callbacks import NonFiniteLossGuard, ProgressDisplay, StopOnSignal, TokenMeter, write_metrics
 from qlora_cli.collate import build_collator, real_tokens
@@ -45,6 +45,7 @@ def preflight(
     if resume and force:
         raise ConfigError("--resume and --force contradict each other; pick one")
     modeling.check_model_path(recipe.model.path)
+    adapters.preflight(recipe)
     check_sources(recipe.data.train, "data.train")
     if recipe.data.eval:
         check_sources(recipe.data.eval, "data.eval")
@@ -132,11 +133,13 @@ class QloraTrainer(Trainer):
     stop on a NaN/inf loss, and compute the loss with the selected kernel (kernels.py); and
     checkpoints written whole or not at all (see checkpointing.staged_checkpoint)."""
 
-    def __init__(self, *args, token_meter: TokenMeter, loss_guard: NonFiniteLossGuard, loss_kernel: kernels.LossKernel, **kwargs):
+    def __init__(self, *args, token_meter: TokenMeter, loss_guard: NonFiniteLossGuard, loss_kernel: kernels.LossKernel,
+                 layer_lr_decay: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.token_meter = token_meter
         self.loss_guard = loss_guard
         self.loss_kernel = loss_kernel
+        self.layer_lr_decay = layer_lr_decay
         self.quantized_on_cpu = getattr(self.model, "is_loaded_in_4bit", False) and not torch.cuda.is_available()
         self._staging_root: Optional[Path] = None
         self._nonfinite_in_step = False
@@ -202,6 +205,32 @@ class QloraTrainer(Trainer):
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         return loss
 
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with one parameter group per layer depth when layer-wise LR scaling is on."""
+        if self.layer_lr_decay == 1.0 or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        groups = layer_lr.param_groups(
+            opt_model, self.args.learning_rate, self.layer_lr_decay, self.args.weight_decay,
+            set(self.get_decay_parameter_names(opt_model)), layer_lr.num_decoder_layers(opt_model),
+        )
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _save(self, output_dir=None, state_dict=None):
+        if getattr(self.model, "_qlora_bottleneck", None) is None:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        adapters.save(self.model, Path(output_dir))  # the adapter only, not the frozen base
+        self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        model = self.model if model is None else model
+        if getattr(model, "_qlora_bottleneck", None) is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        bottleneck.load_weights(model, Path(resume_from_checkpoint))
+
 
 @dataclass
 class TrainResult:
@@ -234,7 +263,7 @@ def run_training(
     dtype = modeling.compute_dtype(recipe)
     model = modeling.load_base_model(recipe)
     model = modeling.prepare_for_training(model, recipe.train.gradient_checkpointing)
-    model = modeling.attach_adapter(model, recipe.lora)
+    model = adapters.attach(model, recipe)
     trainable, total = modeling.count_parameters(model)
     loss_kernel = kernels.select_loss_kernel(recipe.train.loss_kernel, model)
 
@@ -253,7 +282,9 @@ def run_training(
         "compute_dtype": str(dtype).removeprefix("torch."),
         "quantization": modeling.quantization_label(recipe.quantization),
         "attention": model.config._attn_implementation,
-        "packing": recipe.data.packing,
+        "method": recipe.adapter.method + (f" (init {recipe.lora.init})" if recipe.adapter.method == "lora" and recipe.lora.init != "default" else ""),
+        "packing": recipe.data.packing if not adapters.is_prompt_method(recipe.adapter.method) else
+        f"off ({recipe.adapter.method} adds its virtual tokens once per sequence, so rows are padded, not packed)",
         "processes": f"{here.size} ({distributed.strategy(recipe, here)})" if here.distributed else 1,
         "loss_kernel": f"{loss_kernel.name} ({loss_kernel.reason})",
         "compile": "torch.compile" if recipe.train.compile else "off",
@@ -282,6 +313,7 @@ def run_training(
         token_meter=meter,
         loss_guard=guard,
         loss_kernel=loss_kernel,
+        layer_lr_decay=recipe.adapter.layer_lr_decay,
     )
     for default_display in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(default_display)
@@ -314,6 +346,7 @@ def run_training(
             state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
             if here.is_main:
                 checkpointing.publish_adapter(trainer.model, tokenizer, output_dir, state_dict)
+                adapters.finish(trainer.model)
     finally:
         stop.uninstall()
     return TrainResult(output_dir=output_dir, metrics=metrics, interrupted=interrupted, info=info, is_main=here.is_main)

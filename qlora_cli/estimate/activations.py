@@ -46,6 +46,8 @@ def _scores_area(plan: Plan) -> int:
 
 def _lora_inputs(arch: Architecture, plan: Plan) -> tuple[list[tuple[int, int]], bool]:
     """(in, out) of the LoRA-wrapped decoder linears, and whether the MoE experts are adapted."""
+    if plan.method != "lora":
+        return [], False
     linears, others, _ = resolve_targets(arch, plan.target_modules)
     return [(l.in_features, l.out_features) for l in linears], "experts" in others
 
@@ -94,7 +96,7 @@ def shared_saved_bytes(arch: Architecture, plan: Plan) -> int:
     total = 4 * T * (arch.hidden_size + 1) + 2 * a * T * arch.head_dim + 8 * T
     if "embed_tokens" not in plan.modules_to_save:
         total -= 4 * T * (arch.hidden_size + 1)
-        if plan.lora_dropout > 0:
+        if plan.lora_dropout > 0 and plan.method == "lora":
             linears, _, _ = resolve_targets(arch, plan.target_modules)
             total -= T * sum(l.in_features for l in linears if l.role == "attn_in")
     if _mask_present(plan) and plan.attention != "flash_attention_2":

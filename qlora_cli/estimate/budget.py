@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qlora_cli.estimate import activations, memory
+from qlora_cli.estimate import activations, memory, methods
 from qlora_cli.estimate.architecture import Architecture
 from qlora_cli.estimate.plan import Plan
 
@@ -66,7 +66,7 @@ def _spread_over_processes(breakdown: dict, base: dict, arch: Architecture, plan
 def estimate(arch: Architecture, plan: Plan) -> Estimate:
     """Peak memory of one training step of `plan` on `arch`, term by term, in bytes."""
     base = memory.base_weight_bytes(arch, plan)
-    tensors = memory.trainable_tensors(arch, plan)
+    tensors = methods.trainable_tensors(arch, plan)
     act = activations.activation_parts(arch, plan)
     breakdown = {
         "base_weights": sum(base.values()),
@@ -81,9 +81,12 @@ def estimate(arch: Architecture, plan: Plan) -> Estimate:
     per_step = breakdown["activations"] + breakdown["logits_and_loss"] + breakdown["gradients"]
     breakdown["allocator_overhead"] = int(ALLOCATOR_OVERHEAD * per_step)
     breakdown["cuda_context"] = CUDA_CONTEXT_BYTES
-    _, _, unmatched = memory.resolve_targets(arch, plan.target_modules)
+    _, _, unmatched = memory.resolve_targets(arch, plan.target_modules) if plan.method == "lora" else (None, None, [])
+    notes = list(arch.notes)
     if unmatched:
         notes.append(f"lora.target_modules {unmatched} match no layer; peft ignores them")
+    if plan.method != "lora":
+        notes.append(f"{plan.method}: activations counted for the frozen base only (the method's own are small)")
     if arch.experts:
         notes.append("MoE activations and expert-LoRA counts are approximate")
     if plan.optimizer.startswith("paged_"):

@@ -110,7 +110,9 @@ def _describe(result: Estimate) -> list[str]:
     plan, arch = result.plan, result.arch
     quant = {4: f"4-bit {plan.quant_type}" + (" + double quant" if plan.double_quant else ""), 8: "8-bit (LLM.int8)", 16: "16-bit"}[plan.bits]
     targets = plan.target_modules if isinstance(plan.target_modules, str) else ",".join(plan.target_modules)
-    adapter = ("DoRA" if plan.use_dora else "LoRA") + f" r={plan.lora_r} on {targets}"
+    adapter = ("DoRA" if plan.use_dora else "LoRA") + f" r={plan.lora_r} on {targets}" if plan.method == "lora" else plan.method
+    if plan.layers:
+        adapter += f" (layers {','.join(map(str, plan.layers))})"
     share = 100 * result.trainable_params / max(1, result.total_params)
     return [
         f"[bold]{arch.name}[/] [dim]({arch.source})[/]  {result.total_params / 1e9:.2f}B params, "

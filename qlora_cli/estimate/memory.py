@@ -123,7 +123,8 @@ def trainable_tensors(arch: Architecture, plan: Plan) -> list[Trainable]:
     DoRA adds a magnitude vector of `out`; bias="all" trains every bias, "lora_only" those of the
     adapted layers; modules_to_save trains a full copy of each named module in the base dtype.
     """
-    r, layers, half = plan.lora_r, arch.num_layers, plan.dtype_bytes
+    r, half = plan.lora_r, plan.dtype_bytes
+    layers = len(plan.layers) if plan.layers else arch.num_layers  # adapter.layers_to_transform
     linears, others, _ = resolve_targets(arch, plan.target_modules)
     tensors = []
     for linear in linears:

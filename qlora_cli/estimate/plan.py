@@ -7,7 +7,7 @@ logging), with `auto` settings resolved the way they resolve on a CUDA GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Union
+from typing import Optional, Union
 
 from qlora_cli.config import Recipe
 
@@ -35,6 +35,16 @@ class Plan:
     fused_loss: bool = True  # train.loss_kernel chunked / liger: no full-vocabulary fp32 logits
     processes: int = 1  # GPUs (processes) of the job
     strategy: str = "ddp"  # with processes > 1: ddp (replicated) or fsdp (sharded)
+    method: str = "lora"  # adapter.method
+    layers: Optional[tuple[int, ...]] = None  # adapter.layers_to_transform
+    unfreeze: tuple[str, ...] = ()
+    ia3_targets: Optional[tuple[str, ...]] = None
+    ia3_feedforward: Optional[tuple[str, ...]] = None
+    num_virtual_tokens: int = 20
+    encoder_hidden_size: int = 128
+    prefix_projection: bool = False
+    bottleneck_size: int = 64
+    bottleneck_placement: tuple[str, ...] = ("attention", "mlp")
 
     @property
     def tokens(self) -> int:
@@ -52,10 +62,32 @@ def _dtype_bytes(recipe: Recipe) -> int:
     return 4 if requested == "float32" else 2  # auto: bf16 (or fp16 on pre-Ampere cards) on a GPU
 
 
+def _method_fields(recipe: Recipe) -> dict:
+    adapter = recipe.adapter
+    method = adapter.method
+    fields = {"method": method, "unfreeze": tuple(adapter.unfreeze),
+              "layers": tuple(adapter.layers_to_transform) if adapter.layers_to_transform else None}
+    if method == "ia3":
+        ia3 = adapter.ia3
+        fields["ia3_targets"] = tuple(ia3.target_modules) if ia3.target_modules else None
+        fields["ia3_feedforward"] = tuple(ia3.feedforward_modules) if ia3.feedforward_modules is not None else None
+    elif method in ("prompt_tuning", "prefix_tuning", "p_tuning"):
+        section = getattr(adapter, method)
+        fields["num_virtual_tokens"] = section.num_virtual_tokens
+        fields["encoder_hidden_size"] = getattr(section, "encoder_hidden_size", 128)
+        fields["prefix_projection"] = getattr(section, "projection", False)
+    elif method == "bottleneck":
+        fields["bottleneck_size"] = adapter.bottleneck.size
+        fields["bottleneck_placement"] = tuple(adapter.bottleneck.placement)
+    return fields
+
+
 def _fused_loss(recipe: Recipe) -> bool:
     """Whether `train.loss_kernel` gets a fused loss (kernels.unsupported_reason, by the recipe alone)."""
     lora = recipe.lora
     targets = () if isinstance(lora.target_modules, str) else lora.target_modules
+    if recipe.adapter.method in ("prompt_tuning", "prefix_tuning", "p_tuning"):
+        return False  # prompt-learning adapters change the forward: the standard loss
     return recipe.train.loss_kernel != "standard" and "lm_head" not in (lora.modules_to_save or ()) and "lm_head" not in targets
 
 
@@ -83,4 +115,5 @@ def plan_from_recipe(recipe: Recipe, processes: int = 1) -> Plan:
         fused_loss=_fused_loss(recipe),
         processes=processes,
         strategy="fsdp" if strategy == "fsdp" else "ddp",
+        **_method_fields(recipe),
     )
