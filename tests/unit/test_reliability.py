@@ -197,7 +197,7 @@ def test_required_space_counts_kept_checkpoints_and_the_adapter(recipe_dict):
 
 def test_unwritable_output_dir_is_refused_before_training(recipe_dict, tmp_path):
     if os.geteuid() == 0:
-        pytest.skip("runs as root, which writes through chmod; test_output_dir_under_proc covers the probe")
+        pytest.skip("runs as root, which writes through chmod; test_output_dir_under_proc_or_a_file_is_refused_before_training covers the probe")
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
