@@ -183,7 +183,8 @@ class QloraTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         if self.loss_guard.bad_step is not None:
             return
-        if not trainable_finite(model):
+        # Every rank must decide alike (under FSDP each sees only its shard), or a save's barrier waits forever.
+        if distributed.any_rank(not trainable_finite(model), self.args.device):
             self.loss_guard.trip(self.state.global_step, "the adapter weights", self.control)
             return
         run_dir = Path(super()._get_output_dir(trial))
@@ -338,7 +339,7 @@ def run_training(
             with checkpointing.disk_errors("metrics.json", output_dir):
                 metrics = write_metrics(output_dir / "metrics.json", trainer.state, meter, extra)
             plots.write_loss_plot(output_dir, metrics)
-        if guard.bad_step is None and not trainable_finite(trainer.model):
+        if guard.bad_step is None and distributed.any_rank(not trainable_finite(trainer.model), trainer.args.device):
             guard.trip(trainer.state.global_step, "the adapter weights", trainer.control)
         guard.raise_if_tripped(checkpointing.newest_intact(output_dir)[0])
         if not interrupted:
