@@ -133,7 +133,7 @@ def test_report_compares_runs_by_their_recipe_differences_and_eval_json(runs, tm
 
     result = runner.invoke(app, ["report", str(evaluated), str(without_eval), "--output", str(tmp_path / "two.png")])
     assert result.exit_code == 0, result.output
-    for text in ("data.eval_split", "train.report_to", "evaluate: exact match", "0.0% → 75.0%", "base → adapter"):
+    for text in ("data.eval_split", "train.report_to", "[tensorboard]", "[none]", "evaluate: exact match", "0.0% → 75.0%", "base → adapter"):
         assert text in result.output, text
     assert "lora.r" not in result.output
     curves = [plots.run_curves(history(run), run.name) for run in (evaluated, without_eval)]
