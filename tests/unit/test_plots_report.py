@@ -89,6 +89,15 @@ def test_pictures_of_empty_or_untokened_histories_still_draw(tmp_path):
     assert texts == ["tokens seen were not logged"]
 
 
+def test_a_failure_to_draw_is_a_warning_not_a_lost_run(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(plots, "draw", broken)
+    with pytest.warns(RuntimeWarning, match="could not draw .*loss.png: no fonts"):
+        assert plots.write_loss_plot(tmp_path, {"log_history": []}) is None
+
+
 def test_tensorboard_event_files_hold_the_logged_loss(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
