@@ -171,14 +171,15 @@ def evaluated_models(runs: list[Run]) -> list[str]:
 
 def summary_table(runs: list[Run]):
     """The rich table `qlora report` prints: a row per fact, a column per run."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="qlora report", title_justify="left")
     table.add_column("")
     for run in runs:
-        table.add_column(run.label, justify="right", overflow="fold")
-    for name, cells in table_rows(runs).items():
-        table.add_row(name, *cells)
+        table.add_column(escape(run.label), justify="right", overflow="fold")
+    for name, cells in table_rows(runs).items():  # cells are plain text: `[none]` is a list, not markup
+        table.add_row(escape(name), *map(escape, cells))
     models = evaluated_models(runs)
     if models:
         table.caption = f"evaluate: {' → '.join(models)}, from eval.json (`qlora evaluate`)"

@@ -92,7 +92,7 @@ def _output_dir(model: str, task: str) -> str:
     return f"runs/{name.lower()}-{task}"
 
 
-def starting_recipe(model: str, arch: Architecture, task: str, choice: Optional[Choice] = None) -> dict:
+def starting_recipe(model: str, task: str, choice: Optional[Choice] = None) -> dict:
     """The recipe as a raw dict; with a Choice, its memory settings."""
     recipe = {
         "model": {"path": model},
@@ -122,7 +122,7 @@ def _choices_of(annotation) -> Optional[list]:
 
 
 def _comment(text: str, indent: str) -> list[str]:
-    return [f"{indent}# {line}" for line in textwrap.wrap(text, width=98 - len(indent))]
+    return [f"{indent}# {line}" for line in textwrap.wrap(text, width=98 - len(indent), break_on_hyphens=False, break_long_words=False)]
 
 
 def _flow(value) -> str:
@@ -149,10 +149,14 @@ def commented_yaml(section: BaseModel, indent: str = "") -> list[str]:
 
 
 def render(recipe: Recipe, header: list[str], output: Path) -> str:
+    """The recipe file: schema line, header, then each section under its description."""
     lines = []
-    if SCHEMA.is_file():
+    if SCHEMA.is_file():  # a checkout: point at its docs/recipe.schema.json
         relative = os.path.relpath(SCHEMA, Path(output).resolve().parent)
         lines.append(f"# yaml-language-server: $schema={Path(relative).as_posix()}")
+    else:
+        header = [*header, "Editor completion: `qlora schema > recipe.schema.json`, then make the first line "
+                  "`# yaml-language-server: $schema=recipe.schema.json`."]
     for paragraph in header:
         lines.extend(_comment(paragraph, ""))
     for name, field in Recipe.model_fields.items():
@@ -193,9 +197,9 @@ def init_recipe(model: str, gpu_name: Optional[str], task: str, output: Path, fo
     # The catalog's hub id for a short name ("Llama-3.1-8B-Instruct"), a folder as given.
     local = Path(model).expanduser()
     model_path = (str(local.parent) if local.is_file() else model) if local.exists() else arch.name
-    skeleton = validate_recipe(starting_recipe(model_path, arch, task), source="qlora init")
+    skeleton = validate_recipe(starting_recipe(model_path, task), source="qlora init")
     choice = choose(arch, plan_from_recipe(skeleton), gpu)
-    recipe = validate_recipe(starting_recipe(model_path, arch, task, choice), source="qlora init")
+    recipe = validate_recipe(starting_recipe(model_path, task, choice), source="qlora init")
     header = [
         f"Starting recipe for {arch.name} on {gpu.name}, written by `qlora init --task {task}`.",
         f"Chosen with the memory estimate: {choice.bits}-bit base, gradient checkpointing "

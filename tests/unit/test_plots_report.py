@@ -89,6 +89,15 @@ def test_pictures_of_empty_or_untokened_histories_still_draw(tmp_path):
     assert texts == ["tokens seen were not logged"]
 
 
+def test_a_failure_to_draw_is_a_warning_not_a_lost_run(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(plots, "draw", broken)
+    with pytest.warns(RuntimeWarning, match="could not draw .*loss.png: no fonts"):
+        assert plots.write_loss_plot(tmp_path, {"log_history": []}) is None
+
+
 def test_tensorboard_event_files_hold_the_logged_loss(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -133,7 +142,7 @@ def test_report_compares_runs_by_their_recipe_differences_and_eval_json(runs, tm
 
     result = runner.invoke(app, ["report", str(evaluated), str(without_eval), "--output", str(tmp_path / "two.png")])
     assert result.exit_code == 0, result.output
-    for text in ("data.eval_split", "train.report_to", "evaluate: exact match", "0.0% → 75.0%", "base → adapter"):
+    for text in ("data.eval_split", "train.report_to", "[tensorboard]", "[none]", "evaluate: exact match", "0.0% → 75.0%", "base → adapter"):
         assert text in result.output, text
     assert "lora.r" not in result.output
     curves = [plots.run_curves(history(run), run.name) for run in (evaluated, without_eval)]

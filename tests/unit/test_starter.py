@@ -33,7 +33,8 @@ def estimate_json(recipe_path, *gpu_args):
     ("Qwen/Qwen2.5-14B-Instruct", "RTX4090", 4, True, 2048),
     ("meta-llama/Llama-3.3-70B-Instruct", "A6000", 4, True, None),  # not even one row of 2048: shorter rows
 ])
-def test_written_recipe_loads_and_fits_the_named_card(tmp_path, model, gpu, bits, checkpointing, seq_len):
+def test_written_recipe_loads_and_fits_the_named_card(tmp_path, monkeypatch, model, gpu, bits, checkpointing, seq_len):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # catalog names need no network
     path = tmp_path / "recipe.yaml"
     result = invoke("init", "--model", model, "--gpu", gpu, "--output", path)
     assert result.exit_code == 0, result.output
