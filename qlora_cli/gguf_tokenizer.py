@@ -32,14 +32,15 @@ KNOWN_PRE_HASHES = {
 }
 # Other tokenizers (a fine-tune's own, a test's): the first llama.cpp pre-tokenizer whose split
 # rules give exactly this tokenizer's ids on PROBE_TEXT. Regexes as llama.cpp's llama-vocab.cpp
-# applies them, one after the other.
+# applies them, one after the other; the stricter split of each pair comes first (single digits
+# before runs of digits): a vocabulary with no multi-digit tokens tokenizes the same under both.
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 PRE_TOKENIZER_SPLITS = {
-    "gpt-2": [_GPT2],
-    "llama-bpe": [_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
     "qwen2": [_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+    "llama-bpe": [_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
     "smollm": [r"\p{N}", _GPT2],
+    "gpt-2": [_GPT2],
 }
 
 # gguf.TokenType values (the gguf package is imported lazily).

@@ -286,8 +286,12 @@ def write_checkpoint(model, tokenizer, folder: Path, max_shard_size: str) -> Non
 def drop_checkpoint(folder: Path, keep: str) -> None:
     """Remove the Hugging Face files that were only the GGUF's source and reference."""
     for path in folder.iterdir():
-        if path.name != keep:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.name == keep:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def install(staging: Path, output: Path) -> None:

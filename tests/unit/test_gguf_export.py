@@ -70,7 +70,7 @@ def build_tiny_sentencepiece_tokenizer():
     learned = json.loads(learner.to_str())["model"]
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{byte:02X}>" for byte in range(256)] + sorted(learned["vocab"], key=learned["vocab"].get)
     merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in learned["merges"]]
-    tokenizer = LlamaTokenizer(vocab={token: index for index, token in enumerate(tokens)}, merges=merges)
+    tokenizer = LlamaTokenizer(vocab={token: index for index, token in enumerate(tokens)}, merges=merges, add_bos_token=True)
     tokenizer.pad_token = "</s>"
     tokenizer.chat_template = LLAMA2_TEMPLATE
     return tokenizer
