@@ -15,7 +15,7 @@ QUESTIONS = ["What is the weather like?", "Name a colour.", "How are you today?"
              "Tell me a number.", "Which sport is best?", "Say something nice.", "What time is it?"]
 TINY_TASK = [
     "--set", "quantization.bits=16", "--set", "data.eval=null", "--set", "lora.r=8", "--set", "lora.dropout=0",
-    "--set", "train.max_steps=8", "--set", "train.learning_rate=3e-3", "--set", "train.warmup_steps=0",
+    "--set", "train.max_steps=6", "--set", "train.learning_rate=5e-3", "--set", "train.warmup_steps=0",
     "--set", "train.micro_batch_size=4", "--set", "train.logging_steps=4", "--set", "train.save_steps=100",
 ]
 
