@@ -78,8 +78,13 @@ def _block(layer: nn.Module, placement: str) -> nn.Module:
     raise ModelError(f"the decoder layers of this model have no {placement} block the bottleneck adapter knows")
 
 
+def _canonical(name: str) -> str:
+    """A module name as the bare transformers model spells it (a peft wrapper adds base_model.model.)."""
+    return name.removeprefix("base_model.model.")
+
+
 def slots(model) -> list[tuple[str, BottleneckSlot]]:
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, BottleneckSlot)]
+    return [(_canonical(name), module) for name, module in model.named_modules() if isinstance(module, BottleneckSlot)]
 
 
 def has_adapters(model) -> bool:
@@ -163,7 +168,7 @@ def load_weights(model, folder: Path, name: str = "default") -> None:
 
     saved = load_file(str(Path(folder) / WEIGHTS_NAME))
     expected = adapter_state(model, name)
-    params = dict(model.named_parameters())
+    params = {_canonical(name): param for name, param in model.named_parameters()}
     missing = [key for key in expected if key not in saved or saved[key].shape != expected[key].shape]
     if missing:
         raise ModelError(f"{folder}: the saved bottleneck adapter does not fit this model at {missing[0]} ({len(missing)} tensors); it was trained on another model or size")

@@ -52,7 +52,7 @@ def check_adapter(run_dir: Path) -> dict:
     if peft_type not in MERGEABLE:
         why = WHY_NOT_MERGEABLE.get(peft_type, "only LoRA, DoRA and IA3 adapters fold into the base weights")
         raise ModelError(
-            f"{run_dir} holds a {peft_type.lower()} adapter, which cannot be merged: {why}; "
+            f"{run_dir} holds a {peft_type} adapter, which cannot be merged: {why}; "
             "use it unmerged (qlora evaluate / qlora generate load it on the base)"
         )
     return config
