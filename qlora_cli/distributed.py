@@ -8,6 +8,7 @@ DDP or FSDP, or hands it to DeepSpeed. This module only chooses their settings.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -100,6 +101,8 @@ def training_kwargs(recipe: Recipe, here: World, on_gpu: bool, model=None) -> di
             json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ConfigError(f"distributed.deepspeed_config {path} is not valid JSON (line {exc.lineno}); fix it") from None
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("distributed.strategy deepspeed needs the deepspeed package: pip install deepspeed")
         kwargs["deepspeed"] = str(path)
     return kwargs
 
