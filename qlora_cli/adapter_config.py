@@ -125,6 +125,11 @@ def cross_check(recipe) -> None:
             raise ValueError(f"adapter.layers_to_transform applies to lora, ia3 and bottleneck, not {method}")
     if method == "lora":
         _check_lora_init(lora, quant)
+    sharded = recipe.distributed.strategy in ("fsdp", "deepspeed")
+    if sharded and method == "bottleneck":
+        raise ValueError(f"adapter.method bottleneck cannot be sharded by {recipe.distributed.strategy}; use distributed.strategy ddp")
+    if sharded and method == "lora" and lora.init in ("pissa", "olora"):
+        raise ValueError(f"lora.init {lora.init} cannot be saved from {recipe.distributed.strategy} shards; use distributed.strategy ddp or lora.init gaussian")
 
 
 def _check_lora_init(lora, quant) -> None:

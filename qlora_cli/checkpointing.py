@@ -25,7 +25,16 @@ TRASH_PREFIX = ".trash-"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # What the Trainer needs to resume exactly: the adapter, optimizer + scheduler, RNG and trainer state
 # (RNG: rng_state.pth from one process, rng_state_<rank>.pth from each of several).
-REQUIRED_FILES = ("trainer_state.json", "adapter_config.json", ADAPTER_WEIGHTS, "optimizer.pt", "scheduler.pt")
+REQUIRED_FILES = ("trainer_state.json", "scheduler.pt")
+# The adapter: peft's files, or those of our bottleneck adapter (bottleneck.py).
+ADAPTER_FILES = {"peft": ("adapter_config.json", ADAPTER_WEIGHTS), "bottleneck": ("bottleneck_config.json", "bottleneck_model.safetensors")}
+# Optimizer state: optimizer.pt (DDP / one process), optimizer.bin (FSDP through accelerate), global_step*/ (DeepSpeed).
+OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
+
+
+def adapter_files(folder: Path) -> tuple[str, str]:
+    """(config, weights) file names of the adapter saved in `folder`."""
+    return ADAPTER_FILES["bottleneck" if (Path(folder) / ADAPTER_FILES["bottleneck"][0]).is_file() else "peft"]
 # The Trainer also pickles its TrainingArguments; resuming never reads it and recipe.yaml says it all.
 DROPPED_FILES = ("training_args.bin",)
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -56,27 +65,31 @@ def checkpoint_problem(path: Path) -> Optional[str]:
     import torch
     from safetensors import SafetensorError, safe_open
 
-    for name in REQUIRED_FILES:
+    config_name, weights_name = adapter_files(path)
+    for name in (*REQUIRED_FILES, config_name, weights_name):
         if not (path / name).is_file():
             return f"missing {name}"
+    optimizer = [name for name in OPTIMIZER_FILES if (path / name).is_file()]
+    if not optimizer and not any(path.glob("global_step*")):
+        return "missing optimizer.pt"
     rng_files = sorted(p.name for p in path.glob("rng_state*.pth"))
     if not rng_files:
         return "missing rng_state.pth"
     try:
         state = json.loads((path / "trainer_state.json").read_text())
-        json.loads((path / "adapter_config.json").read_text())
+        json.loads((path / config_name).read_text())
         if state["global_step"] != checkpoint_step(path):
             return f"trainer_state.json is for step {state['global_step']}"
     except (OSError, ValueError, KeyError, TypeError):
-        return "unreadable trainer_state.json or adapter_config.json"
+        return f"unreadable trainer_state.json or {config_name}"
     try:
-        with safe_open(str(path / ADAPTER_WEIGHTS), framework="pt") as weights:
+        with safe_open(str(path / weights_name), framework="pt") as weights:
             for key in weights.keys():
                 if not torch.isfinite(weights.get_tensor(key)).all():
-                    return f"non-finite values in {ADAPTER_WEIGHTS} ({key})"
+                    return f"non-finite values in {weights_name} ({key})"
     except (OSError, SafetensorError, RuntimeError, ValueError):
-        return f"unreadable {ADAPTER_WEIGHTS}"
-    for name in ("optimizer.pt", "scheduler.pt", *rng_files):
+        return f"unreadable {weights_name}"
+    for name in (*optimizer, "scheduler.pt", *rng_files):
         try:  # torch.save writes a zip; a cut-off file has no central directory
             with zipfile.ZipFile(path / name) as archive:
                 if not archive.namelist():
@@ -215,8 +228,9 @@ def publish_adapter(model, tokenizer, output_dir: Path, state_dict: Optional[dic
             adapters.save(model, staging)  # peft adapters, or our bottleneck adapter
         tokenizer.save_pretrained(staging)
         _fsync_tree(staging)
-        (output_dir / ADAPTER_WEIGHTS).unlink(missing_ok=True)
-        for item in sorted(staging.iterdir(), key=lambda p: p.name == ADAPTER_WEIGHTS):
+        weights = adapter_files(staging)[1]
+        (output_dir / weights).unlink(missing_ok=True)
+        for item in sorted(staging.iterdir(), key=lambda p: p.name == weights):
             os.replace(item, output_dir / item.name)
         _fsync_dir(output_dir)
     except OSError as exc:

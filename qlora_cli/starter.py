@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel
 
 from qlora_cli.atomic import write_text_atomic
+from qlora_cli.adapter_config import method_sections_to_drop
 from qlora_cli.config import Recipe, validate_recipe
 from qlora_cli.errors import ConfigError, ResourceError
 from qlora_cli.estimate import GIB, Architecture, Gpu, estimate, parse_memory, plan_from_recipe, resolve, resolve_gpu
@@ -130,10 +131,12 @@ def _flow(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
 
 
-def commented_yaml(section: BaseModel, indent: str = "") -> list[str]:
-    """Every field of `section` as YAML, each under a comment made from its schema description."""
+def commented_yaml(section: BaseModel, indent: str = "", skip: frozenset = frozenset()) -> list[str]:
+    """Every field of `section` (but `skip`) as YAML, each under a comment made from its schema description."""
     lines = []
     for name, field in type(section).model_fields.items():
+        if name in skip:
+            continue
         value = getattr(section, name)
         description = field.description or ""
         choices = _choices_of(field.annotation)
@@ -159,11 +162,14 @@ def render(recipe: Recipe, header: list[str], output: Path) -> str:
                   "`# yaml-language-server: $schema=recipe.schema.json`."]
     for paragraph in header:
         lines.extend(_comment(paragraph, ""))
+    top, unused = method_sections_to_drop(recipe)  # as recipe_to_yaml: only what the method reads
     for name, field in Recipe.model_fields.items():
+        if name in top:
+            continue
         lines.append("")
         lines.extend(_comment(field.description or "", ""))
         lines.append(f"{name}:")
-        lines.extend(commented_yaml(getattr(recipe, name), "  "))
+        lines.extend(commented_yaml(getattr(recipe, name), "  ", frozenset(unused) if name == "adapter" else frozenset()))
     return "\n".join(lines) + "\n"
 
 

@@ -222,6 +222,8 @@ class QloraTrainer(Trainer):
     def _save(self, output_dir=None, state_dict=None):
         if getattr(self.model, "_qlora_bottleneck", None) is None:
             return super()._save(output_dir, state_dict)
+        if not self.args.should_save:  # rank 0 alone writes the adapter files
+            return None
         output_dir = output_dir or self.args.output_dir
         adapters.save(self.model, Path(output_dir))  # the adapter only, not the frozen base
         self.processing_class.save_pretrained(output_dir)
@@ -343,8 +345,9 @@ def run_training(
             guard.trip(trainer.state.global_step, "the adapter weights", trainer.control)
         guard.raise_if_tripped(checkpointing.newest_intact(output_dir)[0])
         if not interrupted:
-            # Under FSDP every rank takes part in gathering the full adapter; only rank 0 writes it.
-            state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+            # Under FSDP / DeepSpeed every rank takes part in gathering the full adapter; only rank 0 writes it.
+            sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+            state_dict = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
             if here.is_main:
                 checkpointing.publish_adapter(trainer.model, tokenizer, output_dir, state_dict)
                 adapters.finish(trainer.model)

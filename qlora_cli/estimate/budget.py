@@ -51,9 +51,11 @@ def _spread_over_processes(breakdown: dict, base: dict, arch: Architecture, plan
     n = plan.processes
     if n <= 1:
         return
-    if plan.strategy == "ddp":
+    if plan.strategy != "fsdp":
         breakdown["gradients"] *= 2
         notes.append(f"DDP on {n} GPUs: per-GPU memory; each GPU holds the whole model plus DDP's gradient buckets")
+        if plan.strategy == "deepspeed":
+            notes.append("DeepSpeed ZeRO is not modelled: these are DDP's figures, an upper bound")
         return
     layer = (breakdown["base_weights"] - base["embeddings + lm_head"]) // max(1, arch.num_layers)
     for term in ("base_weights", "adapter_weights", "gradients", "optimizer_states"):
@@ -82,7 +84,6 @@ def estimate(arch: Architecture, plan: Plan) -> Estimate:
     breakdown["allocator_overhead"] = int(ALLOCATOR_OVERHEAD * per_step)
     breakdown["cuda_context"] = CUDA_CONTEXT_BYTES
     _, _, unmatched = memory.resolve_targets(arch, plan.target_modules) if plan.method == "lora" else (None, None, [])
-    notes = list(arch.notes)
     if unmatched:
         notes.append(f"lora.target_modules {unmatched} match no layer; peft ignores them")
     if plan.method != "lora":

@@ -34,7 +34,7 @@ class Plan:
     attention: str = ATTENTION_AUTO
     fused_loss: bool = True  # train.loss_kernel chunked / liger: no full-vocabulary fp32 logits
     processes: int = 1  # GPUs (processes) of the job
-    strategy: str = "ddp"  # with processes > 1: ddp (replicated) or fsdp (sharded)
+    strategy: str = "ddp"  # with processes > 1: ddp (replicated), fsdp (sharded) or deepspeed (shown as ddp)
     method: str = "lora"  # adapter.method
     layers: Optional[tuple[int, ...]] = None  # adapter.layers_to_transform
     unfreeze: tuple[str, ...] = ()
@@ -88,6 +88,8 @@ def _fused_loss(recipe: Recipe) -> bool:
     targets = () if isinstance(lora.target_modules, str) else lora.target_modules
     if recipe.adapter.method in ("prompt_tuning", "prefix_tuning", "p_tuning"):
         return False  # prompt-learning adapters change the forward: the standard loss
+    if any("lm_head" in pattern for pattern in recipe.adapter.unfreeze):
+        return False  # a trained (wrapped) lm_head: the standard loss
     return recipe.train.loss_kernel != "standard" and "lm_head" not in (lora.modules_to_save or ()) and "lm_head" not in targets
 
 
@@ -114,6 +116,6 @@ def plan_from_recipe(recipe: Recipe, processes: int = 1) -> Plan:
         attention=ATTENTION_AUTO if attention == "auto" else attention,
         fused_loss=_fused_loss(recipe),
         processes=processes,
-        strategy="fsdp" if strategy == "fsdp" else "ddp",
+        strategy="ddp" if strategy == "auto" else strategy,
         **_method_fields(recipe),
     )

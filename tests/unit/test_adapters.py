@@ -140,3 +140,18 @@ def test_bottleneck_starts_at_the_base_and_round_trips(tiny_model_dir, tmp_path)
     bottleneck.attach(other, {"size": 4, "placement": ["mlp"], "activation": "relu"}, "smaller")
     with pytest.raises(ModelError, match="does not fit this model"):
         bottleneck.load_weights(other, tmp_path / "adapter", "smaller")
+
+
+def test_a_bottleneck_run_checkpoints_and_resumes(recipe_dict):
+    from qlora_cli.checkpointing import checkpoint_problem, newest_intact
+
+    data = method_recipe(recipe_dict, "bottleneck")
+    data["train"].update({"max_steps": 2, "save_steps": 1})
+    first = run_training(validate_recipe(data), show_progress=False)
+    found, skipped = newest_intact(first.output_dir)
+    assert found is not None and found.name == "checkpoint-2" and skipped == [], skipped
+    assert checkpoint_problem(found) is None
+    data["train"]["max_steps"] = 3
+    resumed = run_training(validate_recipe(data), resume=True, show_progress=False)
+    assert resumed.info["resumed_from"].endswith("checkpoint-2") and resumed.metrics["global_step"] == 3
+    assert (resumed.output_dir / bottleneck.WEIGHTS_NAME).is_file()
