@@ -17,7 +17,7 @@ from qlora_cli import storage
 from qlora_cli.checkpointing import checkpoint_problem, checkpoints
 from qlora_cli.cli import app
 from qlora_cli.config import validate_recipe
-from qlora_cli.errors import ResourceError, TrainingError
+from qlora_cli.errors import TrainingError
 from qlora_cli.train import QloraTrainer, run_training
 from tests.conftest import write_jsonl
 
