@@ -159,8 +159,7 @@ class QloraTrainer(Trainer):
             if not self.accelerator.sync_gradients:
                 return loss
             # Ranks must agree at the step's last micro-batch, or one stops (and skips a save) while the others wait for it.
-            flag = torch.tensor(float(self._nonfinite_in_step), device=self.args.device)
-            self._nonfinite_in_step = bool(self.accelerator.reduce(flag, reduction="sum") > 0)
+            self._nonfinite_in_step = distributed.any_rank(self._nonfinite_in_step, self.args.device)
         if self._nonfinite_in_step:
             self.loss_guard.trip(self.state.global_step + 1, "loss", self.control)
         return loss

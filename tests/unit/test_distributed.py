@@ -1,27 +1,19 @@
 """Multi-process settings: what each strategy asks of the Trainer, the recipe's guards, resume
 across world sizes, --nproc, and the per-GPU estimate under DDP and FSDP."""
 
-import json
 
 import pytest
 import torch
 
 from qlora_cli import distributed
-from qlora_cli.config import validate_recipe
 from qlora_cli.errors import ConfigError
 from qlora_cli.estimate import estimate, plan_from_recipe, resolve
 from qlora_cli.modeling import build_quant_config
 from tests.conftest import build_tiny_llama
+from tests.unit.test_train import recipe_from as recipe
 
 TWO = distributed.World(rank=0, local_rank=0, size=2)
 ONE = distributed.World(rank=0, local_rank=0, size=1)
-
-
-def recipe(recipe_dict, **sections):
-    data = json.loads(json.dumps(recipe_dict))
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return validate_recipe(data)
 
 
 def test_single_process_adds_nothing(recipe_dict):
