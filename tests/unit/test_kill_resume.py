@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -21,7 +22,10 @@ import yaml
 from qlora_cli.checkpointing import STAGING_PREFIX, checkpoint_problem
 from tests.conftest import write_jsonl
 
-MAX_STEPS = 8
+# Each of the three kills below lands within a few steps of its process's first logged step, so
+# the run is still going at every kill: three kills always mean three resumes.
+MAX_STEPS = 16
+KILLS = 3
 
 
 def run_cli(args: list[str], log_path: str) -> None:
@@ -60,6 +64,11 @@ def wait_for(condition, process, timeout=60.0):
             return False
         time.sleep(0.0005)
     raise AssertionError("timed out waiting for the training process")
+
+
+def last_logged_step(log: Path) -> int:
+    steps = re.findall(r"step (\d+)/", log.read_text())
+    return int(steps[-1]) if steps else 0
 
 
 def staging(run_dir: Path) -> list[str]:
@@ -103,26 +112,26 @@ def test_killed_training_always_resumes_from_an_intact_checkpoint(signum, forkse
     log = tmp_path / "log.txt"
     process = start(forkserver, ["train", recipe], log)
     kills = torn_by_kill = resumes = 0
-    for trial in range(3):
+    for trial in range(KILLS):
         # Signal once this process is training (its handler installed: a SIGTERM before that kills as
         # SIGKILL does) and a checkpoint exists (without one there is nothing to resume).
-        if not wait_for(lambda: "step " in log.read_text() and any(run_dir.glob("checkpoint-*")), process):
-            break
+        assert wait_for(lambda: "step " in log.read_text() and any(run_dir.glob("checkpoint-*")), process), log.read_text()[-2000:]
         during_save = trial % 2 == 0
         if during_save:
-            if not wait_for(lambda: staging(run_dir), process):
-                break
+            assert wait_for(lambda: staging(run_dir), process), log.read_text()[-2000:]
         else:
-            time.sleep(rng.uniform(0.0, 0.6))
+            # A random moment one to three steps on: counted in steps, not seconds, so a fast
+            # machine cannot run to the end before the kill lands.
+            target = last_logged_step(log) + rng.randint(1, 3)
+            assert wait_for(lambda: last_logged_step(log) >= target, process), log.read_text()[-2000:]
+            time.sleep(rng.uniform(0.0, 0.05))
         os.kill(process.pid, signum)
         process.join(60)
         kills += 1
-        expected = {0, -signal.SIGKILL} if signum == signal.SIGKILL else {0, 130}
-        assert process.exitcode in expected, (process.exitcode, log.read_text()[-2000:])
+        expected = -signal.SIGKILL if signum == signal.SIGKILL else 130
+        assert process.exitcode == expected, (process.exitcode, log.read_text()[-2000:])
         torn_by_kill += bool(staging(run_dir))
         found = assert_nothing_torn(run_dir)
-        if process.exitcode == 0:
-            break
         assert found, "a checkpoint exists once training has logged a step"
         if signum == signal.SIGTERM:
             assert "checkpoint saved" in log.read_text()
@@ -137,7 +146,7 @@ def test_killed_training_always_resumes_from_an_intact_checkpoint(signum, forkse
         process.join(120)
     assert process.exitcode == 0, log.read_text()[-3000:]
     print(f"{signal.Signals(signum).name}: {kills} kills, {resumes} resumes, {torn_by_kill} left a half-written staging folder")
-    assert kills >= 2 and resumes >= 2, (kills, resumes)
+    assert kills == resumes == KILLS, (kills, resumes)
     if signum == signal.SIGKILL:
         assert torn_by_kill >= 1, "at least one kill must land while a checkpoint is being written"
     assert_nothing_torn(run_dir)
