@@ -151,3 +151,22 @@ def method_sections_to_drop(recipe) -> tuple[set, set]:
     method = recipe.adapter.method
     top = set() if method == "lora" else {"lora"}
     return top, {name for name in METHOD_SECTIONS if name != method}
+
+
+def describe(recipe) -> str:
+    """The adapter in one line, as `qlora validate` shows it."""
+    adapter, method = recipe.adapter, recipe.adapter.method
+    if method == "lora":
+        lora = recipe.lora
+        extras = [name for name in ("use_dora", "use_rslora") if getattr(lora, name)] + ([f"init={lora.init}"] if lora.init != "default" else [])
+        text = f"lora r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} targets={lora.target_modules}" + "".join(f" {e}" for e in extras)
+    else:
+        settings = getattr(adapter, method).model_dump(exclude_none=True)
+        text = f"{method} " + " ".join(f"{key}={value}" for key, value in settings.items())
+    if adapter.layers_to_transform is not None:
+        text += f" layers={adapter.layers_to_transform}"
+    if adapter.unfreeze:
+        text += f" unfreeze={adapter.unfreeze}"
+    if adapter.layer_lr_decay != 1.0:
+        text += f" layer_lr_decay={adapter.layer_lr_decay:g}"
+    return text

@@ -17,7 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from qlora_cli.errors import ResourceError
+import yaml
+
+from qlora_cli.config import recipe_to_yaml, validate_recipe
+from qlora_cli.errors import ConfigError, ResourceError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STAGING_PREFIX = ".tmp-"  # .tmp-checkpoint-N/, .tmp-saving-*/: never matched by checkpoint-*
@@ -108,6 +111,48 @@ def newest_intact(output_dir: Path) -> tuple[Optional[Path], list[str]]:
             return path, skipped
         skipped.append(f"{path.name} ({problem})")
     return None, skipped
+
+
+# What --resume may change: when to stop, the learning rate and its schedule (train.py puts them over
+# the checkpoint's), when to log, evaluate and save, and how memory is spent. Anything else (batch,
+# data, adapter, model, precision) the checkpoint's state or data position would contradict.
+RESUMABLE_FIELDS = (
+    "train.max_steps", "train.epochs", "train.learning_rate", "train.lr_scheduler", "train.warmup_ratio",
+    "train.warmup_steps", "train.weight_decay", "train.max_grad_norm",
+    "train.logging_steps", "train.eval_steps", "train.save_steps",
+    "train.report_to", "train.gradient_checkpointing", "train.compile", "train.loss_kernel",
+    "output.save_total_limit", "data.eval", "distributed.backend", "distributed.fsdp_cpu_offload",
+)
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resumed_recipe(output_dir: Path, recipe) -> None:
+    """Refuse to resume with a recipe that differs from the run's recipe.yaml outside RESUMABLE_FIELDS."""
+    recorded_path = Path(output_dir) / "recipe.yaml"
+    try:
+        recorded = validate_recipe(yaml.safe_load(recorded_path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, ConfigError, yaml.YAMLError, TypeError):
+        return  # no readable record (a run from an older version): nothing to compare with
+    before, after = (_flatten(yaml.safe_load(recipe_to_yaml(r))) for r in (recorded, recipe))
+    changed = [key for key in sorted(before.keys() | after.keys())
+               if before.get(key) != after.get(key) and not key.startswith(RESUMABLE_FIELDS)]
+    if changed:
+        shown = ", ".join(f"{key} {before.get(key)!r} -> {after.get(key)!r}" for key in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise ConfigError(
+            f"--resume continues {output_dir} as its recipe.yaml records it, but {shown}{more} changed, which its checkpoint's "
+            f"state or data position would contradict; resume with only {', '.join(RESUMABLE_FIELDS)} "
+            "changed, or start a new run with --set output.dir=NEW"
+        )
 
 
 def remove_leftovers(output_dir: Path) -> None:

@@ -46,12 +46,15 @@ def _quiet_libraries() -> None:
         ("DATASETS_VERBOSITY", "error"),
         ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
         ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("HF_HUB_VERBOSITY", "error"),  # its retry notices ("Retrying in 1s") when the hub is unreachable
     ):
         os.environ.setdefault(name, value)
     # Libraries imported before us (a host program, a test session) no longer read those variables.
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()
         sys.modules["datasets"].logging.set_verbosity_error()
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.logging.set_verbosity_error()
     if "transformers" in sys.modules:
         sys.modules["transformers"].logging.set_verbosity_error()
         sys.modules["transformers"].logging.disable_progress_bar()
@@ -113,6 +116,7 @@ def validate(
     as_json: bool = JsonOption,
 ) -> None:
     """Check a recipe and its data (fields, label masks, token lengths) without loading the model."""
+    from qlora_cli.adapter_config import describe as describe_adapter
     from qlora_cli.config import load_recipe
     from qlora_cli.data import load_splits
     from qlora_cli.modeling import load_tokenizer
@@ -124,7 +128,7 @@ def validate(
         "recipe": str(recipe),
         "model": config.model.path,
         "quantization": f"{config.quantization.bits}-bit",
-        "lora": f"r={config.lora.r} alpha={config.lora.alpha:g} dropout={config.lora.dropout:g} targets={config.lora.target_modules}",
+        "adapter": describe_adapter(config),
         "format": config.data.format,
         "train": train_stats.summary(),
         "eval": eval_stats.summary() if eval_stats else None,
@@ -159,7 +163,7 @@ def train(
 
         distributed.check_nproc(nproc)
         preflight(config, resume, force, distributed.World(rank=0, local_rank=0, size=nproc))  # fail here, not in N processes
-        argv = ["train", str(recipe), *(f"--set={item}" for item in set_ or []), *(["--resume"] if resume else []), *(["--force"] if force else [])]
+        argv = [*(["--debug"] if _state["debug"] else []), "train", str(recipe), *(f"--set={item}" for item in set_ or []), *(["--resume"] if resume else []), *(["--force"] if force else [])]
         raise typer.Exit(distributed.relaunch(nproc, argv))
 
     def on_ready(info: dict) -> None:

@@ -63,6 +63,7 @@ def preflight(
         if found is None:
             raise ConfigError(f"--resume: no checkpoint in {output_dir} to resume from; run without --resume")
         distributed.check_resume_world(found, here)
+        checkpointing.check_resumed_recipe(output_dir, recipe)
         return found, skipped
     if not here.is_main:
         return None, []
@@ -217,6 +218,22 @@ class QloraTrainer(Trainer):
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """Resume with the checkpoint's optimizer moments and step, but the recipe's learning rate and
+        weight decay (loading the state would put back the old ones). The schedule's shape follows
+        the recipe already: LambdaLR saves no lambdas, so warm-up, type and length are the new ones."""
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate may wrap it
+        if checkpoint is None or self.is_deepspeed_enabled or not hasattr(scheduler, "lr_lambdas"):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        base_lrs = list(scheduler.base_lrs)
+        decays = [group.get("weight_decay") for group in self.optimizer.param_groups]
+        super()._load_optimizer_and_scheduler(checkpoint)
+        scheduler.base_lrs = base_lrs
+        lrs = [base * schedule(scheduler.last_epoch) for base, schedule in zip(base_lrs, scheduler.lr_lambdas)]
+        for group, base, lr, decay in zip(self.optimizer.param_groups, base_lrs, lrs, decays):
+            group.update(initial_lr=base, lr=lr, weight_decay=decay)
+        scheduler._last_lr = lrs
 
     def _save(self, output_dir=None, state_dict=None):
         if getattr(self.model, "_qlora_bottleneck", None) is None:

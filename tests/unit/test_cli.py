@@ -42,6 +42,14 @@ def test_validate_prints_a_data_summary(tmp_path, recipe_dict):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["train"]["rows"] == 16 and summary["train"]["scored_tokens"] == 32  # topic + <|im_end|> per row
+    assert summary["adapter"] == "lora r=4 alpha=8 dropout=0 targets=all-linear"
+
+
+def test_validate_names_the_adapter_method_it_will_train(tmp_path, recipe_dict):
+    recipe = {k: v for k, v in recipe_dict.items() if k != "lora"}
+    recipe["adapter"] = {"method": "bottleneck", "bottleneck": {"size": 8}, "layers_to_transform": [1]}
+    summary = json.loads(invoke("validate", write_recipe(tmp_path, recipe), "--json").stdout)
+    assert summary["adapter"] == "bottleneck size=8 placement=['attention', 'mlp'] activation=relu layers=[1]"
 
 
 def test_yaml_syntax_error(tmp_path):
@@ -93,6 +101,18 @@ def test_output_dir_in_the_way_is_refused_before_loading(tmp_path, recipe_dict):
 
 def test_resume_and_force_together(tmp_path, recipe_dict):
     one_line_error(invoke("train", write_recipe(tmp_path, recipe_dict), "--resume", "--force"), 2)
+
+
+def test_nproc_relaunches_the_same_command_through_torchrun(tmp_path, recipe_dict, monkeypatch):
+    from qlora_cli import distributed
+
+    launched = []
+    monkeypatch.setattr(distributed, "relaunch", lambda nproc, argv: launched.append((nproc, argv)) or 0)
+    recipe = write_recipe(tmp_path, recipe_dict)
+    result = invoke("--debug", "train", recipe, "--nproc", "2", "--set", "train.max_steps=3")
+    assert result.exit_code == 0, result.output
+    assert launched == [(2, ["--debug", "train", str(recipe), "--set=train.max_steps=3"])]
+    assert not (tmp_path / "run").exists(), "the parent only checks; the ranks write"
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -144,3 +144,49 @@ def test_interrupted_run_resumes_onto_the_same_curve(recipe_dict, tmp_path):
     for step in range(1, 9):
         assert cut_curve[step] == pytest.approx(ref_curve[step], rel=1e-3), step
     assert resumed.metrics["tokens_seen"] == reference.metrics["tokens_seen"]
+
+
+def learning_rates(output_dir):
+    history = json.loads((output_dir / "metrics.json").read_text())["log_history"]
+    return {entry["step"]: entry["learning_rate"] for entry in history if "learning_rate" in entry}
+
+
+class RecordWeightDecay(TrainerCallback):
+    def __init__(self):
+        self.decays = set()
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.decays.update(group["weight_decay"] for group in optimizer.param_groups)
+
+
+def test_resume_applies_a_new_learning_rate_schedule_and_weight_decay(recipe_dict, tmp_path):
+    """After a NaN one resumes with a lower learning rate: it must take effect (loading the
+    checkpoint's optimizer and scheduler would silently put the old one back)."""
+    new = {"max_steps": 6, "learning_rate": 1e-3, "lr_scheduler": "linear", "warmup_steps": 2, "weight_decay": 0.1}
+    reference = run_training(recipe_from(recipe_dict, train=new, output={"dir": str(tmp_path / "ref")}), show_progress=False)
+
+    old = {"max_steps": 3, "learning_rate": 5e-3, "lr_scheduler": "cosine", "save_steps": 3}
+    first = run_training(recipe_from(recipe_dict, train=old, output={"dir": str(tmp_path / "cut")}), show_progress=False)
+    seen = RecordWeightDecay()
+    resumed = run_training(recipe_from(recipe_dict, train={**old, **new}, output={"dir": str(tmp_path / "cut")}),
+                           resume=True, show_progress=False, callbacks=(seen,))
+    assert seen.decays and all(decay in (0.0, 0.1) for decay in seen.decays) and 0.1 in seen.decays, seen.decays
+    assert resumed.info["resumed_from"].endswith("checkpoint-3") and resumed.metrics["global_step"] == 6
+    got, want = learning_rates(first.output_dir), learning_rates(reference.output_dir)
+    assert (got[2], got[3]) == pytest.approx((5e-3, 2.5e-3))  # the old schedule before the resume (1 warm-up step, cosine)
+    for step in (4, 5, 6):
+        assert got[step] == pytest.approx(want[step], rel=1e-9), (step, got, want)
+    assert "learning_rate: 0.001" in (first.output_dir / "recipe.yaml").read_text()
+
+
+@pytest.mark.parametrize("section, change, named", [
+    ("lora", {"r": 8}, "lora.r 4 -> 8"),
+    ("train", {"micro_batch_size": 2}, "train.micro_batch_size 4 -> 2"),
+    ("data", {"max_seq_len": 32}, "data.max_seq_len 64 -> 32"),
+])
+def test_resume_refuses_a_recipe_change_the_checkpoint_contradicts(recipe_dict, section, change, named):
+    first = run_training(recipe_from(recipe_dict), show_progress=False)
+    with pytest.raises(ConfigError, match="--resume continues") as raised:
+        run_training(recipe_from(recipe_dict, **{section: change}), resume=True, show_progress=False)
+    assert named in str(raised.value) and "output.dir=NEW" in str(raised.value)
+    assert json.loads((first.output_dir / "metrics.json").read_text())["global_step"] == 2  # nothing touched
