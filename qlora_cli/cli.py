@@ -6,17 +6,15 @@ User mistakes (QloraError) become one line on stderr and the exit code in errors
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from qlora_cli.console import JsonOption, SetOption, err, handle_errors, kv_table, out, state
 from qlora_cli.errors import EXIT_CODES, QloraError
 
 app = typer.Typer(
@@ -26,86 +24,12 @@ app = typer.Typer(
     add_completion=True,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
-_state = {"debug": False}
-
-SetOption = typer.Option(None, "--set", help="Override a recipe field, e.g. --set train.learning_rate=1e-4 (repeatable).")
-JsonOption = typer.Option(False, "--json", help="Print one JSON object for machines instead of tables.")
-
-
-def _quiet_libraries() -> None:
-    """Keep library chatter (progress bars of loaders, deprecation notes) out of our output.
-
-    Done through environment variables read at import time, so no heavy library is imported
-    here (estimate must answer in well under two seconds).
-    """
-    for name, value in (
-        ("TOKENIZERS_PARALLELISM", "false"),
-        ("TRANSFORMERS_VERBOSITY", "error"),
-        ("DATASETS_VERBOSITY", "error"),
-        ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
-        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
-        ("HF_HUB_VERBOSITY", "error"),  # its retry notices ("Retrying in 1s") when the hub is unreachable
-    ):
-        os.environ.setdefault(name, value)
-    # Libraries imported before us (a host program, a test session) no longer read those variables.
-    if "datasets" in sys.modules:
-        sys.modules["datasets"].disable_progress_bars()
-        sys.modules["datasets"].logging.set_verbosity_error()
-    if "huggingface_hub" in sys.modules:
-        sys.modules["huggingface_hub"].utils.logging.set_verbosity_error()
-    if "transformers" in sys.modules:
-        sys.modules["transformers"].logging.set_verbosity_error()
-        sys.modules["transformers"].logging.disable_progress_bar()
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*paged.*")
-
-
-def _one_line(message: str) -> str:
-    """The message as one printable line, safe from rich markup: a key or value quoted from a
-    recipe may hold line breaks (\\n, \\x85, \\u2028), control characters or `[brackets]`."""
-    from rich.markup import escape
-
-    return escape("".join(char if char.isprintable() else repr(char)[1:-1] for char in message))
-
-
-def handle_errors(command: Callable) -> Callable:
-    """Run a command; turn a QloraError or Ctrl-C into one line and an exit code."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            if not _state["debug"]:
-                _quiet_libraries()
-            return command(*args, **kwargs)
-        except QloraError as exc:
-            if _state["debug"]:
-                raise
-            err.print(f"[bold red]error:[/] {_one_line(str(exc))}", soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper
 
 
 @app.callback()
 def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and library logs.")) -> None:
     """qlora: LoRA / QLoRA fine-tuning from YAML recipes."""
-    _state["debug"] = debug
-
-
-def _kv_table(title: str, rows: dict) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left", box=None, pad_edge=False)
-    table.add_column(style="bold cyan")
-    table.add_column()
-    for key, value in rows.items():
-        table.add_row(str(key), f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
-    return table
+    state["debug"] = debug
 
 
 @app.command()
@@ -136,10 +60,10 @@ def validate(
     if as_json:
         print(json.dumps(summary))
         return
-    out.print(_kv_table("recipe", {k: v for k, v in summary.items() if k not in ("train", "eval")}))
+    out.print(kv_table("recipe", {k: v for k, v in summary.items() if k not in ("train", "eval")}))
     for name in ("train", "eval"):
         if summary[name]:
-            out.print(_kv_table(f"{name} data", summary[name]))
+            out.print(kv_table(f"{name} data", summary[name]))
     out.print("[green]recipe and data are valid[/]")
 
 
@@ -163,7 +87,7 @@ def train(
 
         distributed.check_nproc(nproc)
         preflight(config, resume, force, distributed.World(rank=0, local_rank=0, size=nproc))  # fail here, not in N processes
-        argv = [*(["--debug"] if _state["debug"] else []), "train", str(recipe), *(f"--set={item}" for item in set_ or []), *(["--resume"] if resume else []), *(["--force"] if force else [])]
+        argv = [*(["--debug"] if state["debug"] else []), "train", str(recipe), *(f"--set={item}" for item in set_ or []), *(["--resume"] if resume else []), *(["--force"] if force else [])]
         raise typer.Exit(distributed.relaunch(nproc, argv))
 
     def on_ready(info: dict) -> None:
@@ -174,7 +98,7 @@ def train(
         shown = {k: v for k, v in info.items() if k not in ("data", "resumed_from", "skipped_checkpoints")}
         shown["trainable_params"] = f"{info['trainable_params']:,} ({100 * info['trainable_params'] / info['total_params']:.2f}% of {info['total_params']:,})"
         del shown["total_params"]
-        out.print(_kv_table("qlora train", shown))
+        out.print(kv_table("qlora train", shown))
 
     result = run_training(config, resume=resume, force=force, on_ready=on_ready)
     if not result.is_main:
@@ -194,7 +118,7 @@ def train(
         "wall_time_s": metrics["wall_time_s"],
         "adapter": str(result.output_dir),
     }
-    out.print(_kv_table("done", {k: v for k, v in summary.items() if v is not None}))
+    out.print(kv_table("done", {k: v for k, v in summary.items() if v is not None}))
 
 
 @app.command()
@@ -245,54 +169,6 @@ def evaluate(
               f"{report['wall_time_s']} s; wrote {output}")
 
 
-def _drift_table(check: dict) -> Table:
-    """The merge verification: the judged comparison, and drift from the model as trained when that differs."""
-    columns = [("judged: vs " + check["merge_exactness"]["reference"], check["merge_exactness"])]
-    if check["model_as_trained"] != check["merge_exactness"]:
-        columns.append(("reported: vs " + check["model_as_trained"]["reference"], check["model_as_trained"]))
-    result = "[green]PASS[/]" if check["passed"] else "[red]FAIL[/]"
-    table = Table(title=f"verification: {result} ({check['rows']} eval rows, {check['compute_dtype']} compute)", title_justify="left")
-    table.add_column("")
-    for title, _ in columns:
-        table.add_column(title, justify="right")
-    greedy = lambda g: f"{g['identical']}/{g['prompts']} identical" if g else "n/a"  # noqa: E731
-    response = lambda f: "n/a" if f["top1_agreement_response"] is None else f"{100 * f['top1_agreement_response']:.2f}%"  # noqa: E731
-    rows = {
-        "top-1 agreement (all positions)": lambda f: f"{100 * f['top1_agreement']:.2f}% of {f['positions']:,}",
-        "top-1 agreement (response tokens)": response,
-        "mean KL": lambda f: f"{f['mean_kl']:.2e}",
-        "max abs logit diff": lambda f: f"{f['max_abs_logit_diff']:.4g}",
-        "greedy generations": lambda f: greedy(f.get("greedy")) if "greedy" in f else "-",
-    }
-    for name, cell in rows.items():
-        table.add_row(name, *(cell(figures) for _, figures in columns))
-    limits = check["thresholds"]
-    table.caption = f"fails below top-1 {limits['min_top1_agreement']:.1%} or above mean KL {limits['max_mean_kl']:.0e} (judged column)"
-    table.caption_justify = "left"
-    return table
-
-
-def _gguf_table(exported: dict) -> Table:
-    """The GGUF file and its load-back check against the merged checkpoint."""
-    check = exported.get("verification")
-    result = "" if check is None else (": [green]PASS[/]" if check["passed"] else ": [red]FAIL[/]")
-    table = Table(title=f"GGUF {exported['file']}{result}", title_justify="left", show_header=False)
-    table.add_column("")
-    table.add_column("", justify="right")
-    tokenizer = exported["tokenizer"]
-    table.add_row("size", f"{exported['bytes'] / 2**20:.1f} MiB ({exported['gguf_type']}, {exported['architecture']})")
-    table.add_row("tokenizer", f"{tokenizer['model']} / pre {tokenizer['pre']}, {tokenizer['tokens']:,} tokens, "
-                  f"chat template {'yes' if tokenizer['chat_template'] else 'no'}")
-    if check:
-        logits, tokens = check["logits"], check["tokenizer"]
-        table.add_row("top-1 agreement vs merged", f"{100 * logits['top1_agreement']:.2f}% of {logits['positions']:,} "
-                      f"(min {100 * check['min_top1_agreement']:.0f}%)")
-        table.add_row("max abs logit diff / mean KL", f"{logits['max_abs_logit_diff']:.4g} / {logits['mean_kl']:.2e}")
-        table.add_row("tokenizer round trip", f"{tokens['identical']}/{tokens['texts']} identical, chat template "
-                      f"{'equal' if tokens['chat_template_equal'] else 'DIFFERS'}")
-    return table
-
-
 @app.command()
 @handle_errors
 def merge(
@@ -316,6 +192,7 @@ def merge(
     """Merge the LoRA / DoRA adapter into its base: a standalone Hugging Face checkpoint and/or GGUF file, verified."""
     from qlora_cli.errors import VerificationError
     from qlora_cli.merge import REPORT_NAME, run_merge
+    from qlora_cli.merge_tables import drift_table, gguf_table
 
     result = run_merge(run_dir, output, base, dtype, max_shard_size, force, verify, verify_samples, batch_size, set_,
                        show_progress=not as_json, formats=format_, gguf_type=gguf_type)
@@ -327,11 +204,11 @@ def merge(
                    "parameters": report["parameters"], "files": ", ".join(report["files"])}
         if report["update_rounding"] is not None:
             summary["update lost to rounding"] = f"{100 * report['update_rounding']:.1f}% of the adapter's update (norm) in {dtype}"
-        out.print(_kv_table("qlora merge", summary))
+        out.print(kv_table("qlora merge", summary))
         if check:
-            out.print(_drift_table(check))
+            out.print(drift_table(check))
         if report.get("gguf"):
-            out.print(_gguf_table(report["gguf"]))
+            out.print(gguf_table(report["gguf"]))
         out.print(f"wrote {result.output} ({REPORT_NAME} inside), {report['wall_time_s']} s")
         if (report["update_rounding"] or 0) > 0.1:
             err.print(f"[yellow]warning:[/] {dtype} rounding lost {100 * report['update_rounding']:.0f}% of the adapter's update; "
@@ -408,7 +285,7 @@ def init(
         raise ConfigError(f"--task {task!r}: use one of {', '.join(TASK_FORMATS)}")
     started = init_recipe(model, gpu, task, output, force, gpu_memory)
     choice, recipe = started.choice, started.recipe
-    out.print(_kv_table("qlora init", {
+    out.print(kv_table("qlora init", {
         "model": f"{recipe.model.path} ({started.arch.source})",
         "gpu": started.gpu.name,
         "quantization": f"{choice.bits}-bit",

@@ -1,0 +1,54 @@
+"""How `qlora merge` prints its verification: the merged model against base + adapter (drift.py)
+and the GGUF file against the merged checkpoint (gguf_check.py)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def drift_table(check: dict) -> Table:
+    """The merge verification: the judged comparison, and drift from the model as trained when that differs."""
+    columns = [("judged: vs " + check["merge_exactness"]["reference"], check["merge_exactness"])]
+    if check["model_as_trained"] != check["merge_exactness"]:
+        columns.append(("reported: vs " + check["model_as_trained"]["reference"], check["model_as_trained"]))
+    result = "[green]PASS[/]" if check["passed"] else "[red]FAIL[/]"
+    table = Table(title=f"verification: {result} ({check['rows']} eval rows, {check['compute_dtype']} compute)", title_justify="left")
+    table.add_column("")
+    for title, _ in columns:
+        table.add_column(title, justify="right")
+    greedy = lambda g: f"{g['identical']}/{g['prompts']} identical" if g else "n/a"  # noqa: E731
+    response = lambda f: "n/a" if f["top1_agreement_response"] is None else f"{100 * f['top1_agreement_response']:.2f}%"  # noqa: E731
+    rows = {
+        "top-1 agreement (all positions)": lambda f: f"{100 * f['top1_agreement']:.2f}% of {f['positions']:,}",
+        "top-1 agreement (response tokens)": response,
+        "mean KL": lambda f: f"{f['mean_kl']:.2e}",
+        "max abs logit diff": lambda f: f"{f['max_abs_logit_diff']:.4g}",
+        "greedy generations": lambda f: greedy(f.get("greedy")) if "greedy" in f else "-",
+    }
+    for name, cell in rows.items():
+        table.add_row(name, *(cell(figures) for _, figures in columns))
+    limits = check["thresholds"]
+    table.caption = f"fails below top-1 {limits['min_top1_agreement']:.1%} or above mean KL {limits['max_mean_kl']:.0e} (judged column)"
+    table.caption_justify = "left"
+    return table
+
+
+def gguf_table(exported: dict) -> Table:
+    """The GGUF file and its load-back check against the merged checkpoint."""
+    check = exported.get("verification")
+    result = "" if check is None else (": [green]PASS[/]" if check["passed"] else ": [red]FAIL[/]")
+    table = Table(title=f"GGUF {exported['file']}{result}", title_justify="left", show_header=False)
+    table.add_column("")
+    table.add_column("", justify="right")
+    tokenizer = exported["tokenizer"]
+    table.add_row("size", f"{exported['bytes'] / 2**20:.1f} MiB ({exported['gguf_type']}, {exported['architecture']})")
+    table.add_row("tokenizer", f"{tokenizer['model']} / pre {tokenizer['pre']}, {tokenizer['tokens']:,} tokens, "
+                  f"chat template {'yes' if tokenizer['chat_template'] else 'no'}")
+    if check:
+        logits, tokens = check["logits"], check["tokenizer"]
+        table.add_row("top-1 agreement vs merged", f"{100 * logits['top1_agreement']:.2f}% of {logits['positions']:,} "
+                      f"(min {100 * check['min_top1_agreement']:.0f}%)")
+        table.add_row("max abs logit diff / mean KL", f"{logits['max_abs_logit_diff']:.4g} / {logits['mean_kl']:.2e}")
+        table.add_row("tokenizer round trip", f"{tokens['identical']}/{tokens['texts']} identical, chat template "
+                      f"{'equal' if tokens['chat_template_equal'] else 'DIFFERS'}")
+    return table
