@@ -121,7 +121,7 @@ RESUMABLE_FIELDS = (
     "train.warmup_steps", "train.weight_decay", "train.max_grad_norm",
     "train.logging_steps", "train.eval_steps", "train.save_steps",
     "train.report_to", "train.gradient_checkpointing", "train.compile", "train.loss_kernel",
-    "output.save_total_limit", "data.eval", "distributed.backend", "distributed.fsdp_cpu_offload",
+    "output.dir", "output.save_total_limit", "data.eval", "distributed.backend", "distributed.fsdp_cpu_offload",
 )
 
 

@@ -350,11 +350,12 @@ def validate_recipe(data: dict, lines: Optional[dict[str, int]] = None, source: 
 def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Recipe:
     """Read, override and validate a YAML recipe. The only way recipes enter the program."""
     path = Path(path)
+    run_dir = None
     if path.is_dir():
         candidate = path / "recipe.yaml"
         if not candidate.is_file():
             raise ConfigError(f"{path} is a directory without a recipe.yaml; pass a recipe file or a finished run directory")
-        path = candidate
+        run_dir, path = path, candidate
     if not path.is_file():
         raise ConfigError(f"recipe {path} not found; check the path (examples are in configs/)")
     try:
@@ -362,6 +363,9 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read recipe {path}: {exc}") from None
     data, lines = _parse_yaml(text, str(path))
+    if run_dir is not None and isinstance(data, dict) and isinstance(data.get("output"), dict):
+        # A run directory is its own output.dir, also after it was moved or copied elsewhere.
+        data["output"] = {**data["output"], "dir": str(run_dir)}
     data = apply_overrides(data, overrides or [])
     return validate_recipe(data, lines, str(path))
 

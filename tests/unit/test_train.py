@@ -190,3 +190,17 @@ def test_resume_refuses_a_recipe_change_the_checkpoint_contradicts(recipe_dict, 
         run_training(recipe_from(recipe_dict, **{section: change}), resume=True, show_progress=False)
     assert named in str(raised.value) and "output.dir=NEW" in str(raised.value)
     assert json.loads((first.output_dir / "metrics.json").read_text())["global_step"] == 2  # nothing touched
+
+
+def test_a_moved_run_directory_resumes_where_it_is_now(recipe_dict, tmp_path):
+    from qlora_cli.config import load_recipe
+
+    first = run_training(recipe_from(recipe_dict), show_progress=False)
+    moved = tmp_path / "moved"
+    first.output_dir.rename(moved)
+    recipe = load_recipe(moved, ["train.max_steps=3"])
+    assert recipe.output.dir == str(moved), "a run directory is its own output.dir"
+    resumed = run_training(recipe, resume=True, show_progress=False)
+    assert resumed.info["resumed_from"] == str(moved / "checkpoint-2") and resumed.metrics["global_step"] == 3
+    assert not first.output_dir.exists(), "nothing is written where the run used to be"
+    assert f"dir: {moved}" in (moved / "recipe.yaml").read_text()
