@@ -155,6 +155,24 @@ def check_resumed_recipe(output_dir: Path, recipe) -> None:
         )
 
 
+# What `qlora train` writes into a run directory (besides checkpoint-N/ and its own leftovers):
+# --force clears a directory only when it holds nothing else.
+RUN_ENTRIES = {
+    "recipe.yaml", "metrics.json", "loss.png", "eval.json", "README.md", "adapter_config.json", ADAPTER_WEIGHTS,
+    *ADAPTER_FILES["bottleneck"], "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "vocab.json",
+    "merges.txt", "added_tokens.json", "tensorboard", "wandb",
+}
+
+
+def foreign_entries(output_dir: Path) -> list[str]:
+    """Names in `output_dir` that no `qlora train` run wrote (a user's files, a merged model...)."""
+    return sorted(
+        item.name for item in Path(output_dir).iterdir()
+        if item.name not in RUN_ENTRIES and not item.name.endswith(".tmp")
+        and not item.name.startswith((CHECKPOINT_PREFIX, STAGING_PREFIX, TRASH_PREFIX, "tokenizer"))
+    )
+
+
 def remove_leftovers(output_dir: Path) -> None:
     """Delete what a killed run left half-written: staging folders, trash, temporary files."""
     for item in Path(output_dir).iterdir():

@@ -347,6 +347,14 @@ def validate_recipe(data: dict, lines: Optional[dict[str, int]] = None, source: 
         raise ConfigError(_format_validation_error(exc, lines or {}, source)) from None
 
 
+def _is_run_dir(path: Path) -> bool:
+    """A folder `qlora train` wrote (not just any folder holding a recipe.yaml, such as a project's
+    own, which must never become an output.dir that --force would clear)."""
+    return any((path / name).is_file() for name in ("metrics.json", "adapter_config.json", "bottleneck_config.json")) or any(
+        child.is_dir() for child in path.glob("checkpoint-*")
+    )
+
+
 def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Recipe:
     """Read, override and validate a YAML recipe. The only way recipes enter the program."""
     path = Path(path)
@@ -363,7 +371,7 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read recipe {path}: {exc}") from None
     data, lines = _parse_yaml(text, str(path))
-    if run_dir is not None and isinstance(data, dict) and isinstance(data.get("output"), dict):
+    if run_dir is not None and _is_run_dir(run_dir) and isinstance(data, dict) and isinstance(data.get("output"), dict):
         # A run directory is its own output.dir, also after it was moved or copied elsewhere.
         data["output"] = {**data["output"], "dir": str(run_dir)}
     data = apply_overrides(data, overrides or [])

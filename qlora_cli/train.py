@@ -71,8 +71,23 @@ def preflight(
         raise ResourceError(
             f"output.dir {output_dir} is not empty; use --resume to continue it, --force to overwrite it, or --set output.dir=NEW"
         )
+    if occupied and force:
+        check_replaceable(output_dir)
     storage.probe_writable(output_dir)
     return None, []
+
+
+def check_replaceable(output_dir: Path) -> None:
+    """--force deletes output.dir: only a run directory, never one holding the user's own files or the working directory."""
+    if Path.cwd().resolve().is_relative_to(output_dir.resolve()):
+        raise ResourceError(f"output.dir {output_dir} holds the current directory, which --force would delete; choose another output.dir")
+    foreign = checkpointing.foreign_entries(output_dir)
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise ResourceError(
+            f"--force replaces a run directory, but output.dir {output_dir} also holds {', '.join(foreign[:3])}{more}, which "
+            "qlora train did not write; move them out or choose another output.dir (--set output.dir=NEW)"
+        )
 
 
 def precision_flags(dtype: torch.dtype) -> dict:

@@ -110,12 +110,31 @@ def test_resume_without_checkpoint_is_an_error(recipe_dict):
         run_training(recipe_from(recipe_dict), resume=True, show_progress=False)
 
 
-def test_force_overwrites(recipe_dict, tmp_path):
+def test_force_replaces_a_run_directory(recipe_dict, tmp_path):
+    first = run_training(recipe_from(recipe_dict, train={"max_steps": 3}), show_progress=False)
+    out = first.output_dir
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]
+    run_training(recipe_from(recipe_dict), force=True, show_progress=False)
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-1", "checkpoint-2"], "the old run is gone, not mixed in"
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 2 and (out / "adapter_model.safetensors").is_file()
+
+
+def test_force_never_deletes_files_that_training_did_not_write(recipe_dict, tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "old.txt").write_text("old")
-    run_training(recipe_from(recipe_dict), force=True, show_progress=False)
-    assert not (out / "old.txt").exists() and (out / "adapter_model.safetensors").is_file()
+    (out / "train.jsonl").write_text("mine")
+    (out / "merged").mkdir()
+    with pytest.raises(ResourceError, match=r"--force replaces a run directory, but output.dir .* also holds merged, train.jsonl"):
+        run_training(recipe_from(recipe_dict), force=True, show_progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["merged", "train.jsonl"]
+
+    (out / "train.jsonl").unlink()
+    (out / "merged").rmdir()
+    (out / "recipe.yaml").write_text("a run's")
+    monkeypatch.chdir(out)
+    with pytest.raises(ResourceError, match="holds the current directory"):
+        run_training(recipe_from(recipe_dict), force=True, show_progress=False)
+    assert (out / "recipe.yaml").read_text() == "a run's"
 
 
 class InterruptAt(TrainerCallback):
@@ -204,3 +223,17 @@ def test_a_moved_run_directory_resumes_where_it_is_now(recipe_dict, tmp_path):
     assert resumed.info["resumed_from"] == str(moved / "checkpoint-2") and resumed.metrics["global_step"] == 3
     assert not first.output_dir.exists(), "nothing is written where the run used to be"
     assert f"dir: {moved}" in (moved / "recipe.yaml").read_text()
+
+
+def test_a_folder_that_only_holds_a_recipe_keeps_the_recipes_output_dir(recipe_dict, tmp_path):
+    """`qlora train .` in a project folder (where `qlora init` wrote recipe.yaml) must not make the
+    project its output.dir, which --force would clear."""
+    import yaml
+
+    from qlora_cli.config import load_recipe
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict))
+    (project / "notes.txt").write_text("mine")
+    assert load_recipe(project).output.dir == recipe_dict["output"]["dir"]
