@@ -75,6 +75,15 @@ def check_output(output: Path, run_dir: Path, recipe: Recipe, force: bool) -> No
             raise ResourceError(f"--output {output} would replace {folder}; choose a new folder")
     if output.is_dir() and any(output.iterdir()) and not force:
         raise ResourceError(f"--output {output} is not empty; choose a new or empty folder, or pass --force to replace it")
+    if output.is_dir() and any(output.iterdir()) and force:
+        # --force deletes the folder: only an earlier merge's output, never the user's files or the working directory.
+        if Path.cwd().resolve().is_relative_to(output.resolve()):
+            raise ResourceError(f"--output {output} holds the current directory, which --force would delete; choose a new folder")
+        if not (output / REPORT_NAME).is_file():
+            raise ResourceError(
+                f"--force replaces an earlier qlora merge output (a folder with {REPORT_NAME}); --output {output} is not one: "
+                "choose a new or empty folder"
+            )
     parent = existing_ancestor(output.parent)
     if not os.access(parent, os.W_OK):
         raise ResourceError(f"--output {output}: {parent} is not writable; choose another folder")

@@ -141,14 +141,21 @@ def refuse(run, output, error, match, **kwargs):
     assert leftovers(output) == []
 
 
-def test_refuses_a_non_empty_output_without_force(run16, tmp_path):
+def test_refuses_a_non_empty_output_without_force(run16, tmp_path, monkeypatch):
     output = tmp_path / "merged"
     output.mkdir()
     (output / "keep.txt").write_text("mine")
     refuse(run16, output, ResourceError, "not empty.*--force")
+    refuse(run16, output, ResourceError, "replaces an earlier qlora merge output", force=True)  # not a merge: nothing deleted
     assert (output / "keep.txt").read_text() == "mine"
+    (output / "keep.txt").unlink()
+    merge.run_merge(run16, output, verify=False, show_progress=False)
+    (output / "stale.txt").write_text("from the earlier merge's folder")
     merge.run_merge(run16, output, force=True, verify=False, show_progress=False)
-    assert not (output / "keep.txt").exists() and (output / "model.safetensors").is_file()
+    assert not (output / "stale.txt").exists() and (output / "model.safetensors").is_file() and (output / merge.REPORT_NAME).is_file()
+    monkeypatch.chdir(output)
+    refuse(run16, output, ResourceError, "holds the current directory", force=True)
+    assert (output / merge.REPORT_NAME).is_file()
 
 
 def test_refuses_to_write_over_the_run_or_the_base(run16, tiny_model_dir, tmp_path):
