@@ -132,7 +132,7 @@ class NonFiniteLossGuard(TrainerCallback):
             kept = "no checkpoint had been saved before it"
         raise TrainingError(
             f"{self.what} became NaN/inf at step {self.bad_step}; training stopped and nothing from that step was saved; {kept}. "
-            "Usual causes: fp16 overflow (use model.dtype bfloat16 or float32), a learning rate too high (--resume with a lower "
+            "Usual causes: fp16 overflow (start a new run with model.dtype bfloat16 or float32), a learning rate too high (--resume with a lower "
             "--set train.learning_rate), "
             "or a bad data row"
         )
