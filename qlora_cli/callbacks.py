@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import TrainerCallback
 
 from qlora_cli.atomic import write_text_atomic
+from qlora_cli.checkpointing import newest_intact
 from qlora_cli.distributed import any_rank, world
 from qlora_cli.errors import TrainingError
 
@@ -123,9 +124,10 @@ class NonFiniteLossGuard(TrainerCallback):
         if isinstance(loss, float) and not math.isfinite(loss):
             self.trip(state.global_step, "loss", control)
 
-    def raise_if_tripped(self, last_checkpoint: Optional[Path] = None) -> None:
+    def raise_if_tripped(self, output_dir: Path) -> None:
         if self.bad_step is None:
             return
+        last_checkpoint = newest_intact(output_dir)[0]  # read here, only once tripped: it reads every checkpoint's files
         if last_checkpoint is not None:
             kept = f"the last good checkpoint {last_checkpoint.name} is intact (`qlora train {last_checkpoint.parent} --resume` continues from it)"
         else:

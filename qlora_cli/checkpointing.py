@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Optional
 
 import yaml
 
-from qlora_cli.config import recipe_to_yaml, validate_recipe
+from qlora_cli.config import flatten, recipe_to_yaml, validate_recipe
 from qlora_cli.errors import ConfigError, ResourceError
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -35,12 +35,14 @@ ADAPTER_FILES = {"peft": ("adapter_config.json", ADAPTER_WEIGHTS), "bottleneck":
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
 
 
-def adapter_files(folder: Path) -> tuple[str, str]:
-    """(config, weights) file names of the adapter saved in `folder`."""
-    return ADAPTER_FILES["bottleneck" if (Path(folder) / ADAPTER_FILES["bottleneck"][0]).is_file() else "peft"]
 # The Trainer also pickles its TrainingArguments; resuming never reads it and recipe.yaml says it all.
 DROPPED_FILES = ("training_args.bin",)
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def adapter_files(folder: Path) -> tuple[str, str]:
+    """(config, weights) file names of the adapter saved in `folder`."""
+    return ADAPTER_FILES["bottleneck" if (Path(folder) / ADAPTER_FILES["bottleneck"][0]).is_file() else "peft"]
 
 
 def checkpoint_step(path: Path) -> Optional[int]:
@@ -48,19 +50,14 @@ def checkpoint_step(path: Path) -> Optional[int]:
     return int(step) if path.name.startswith(CHECKPOINT_PREFIX) and step.isdigit() else None
 
 
-def checkpoints(output_dir: Path) -> list[Path]:
-    """Checkpoint folders that hold a trainer state, oldest first (no file is read)."""
-    found = []
-    for path in Path(output_dir).glob(CHECKPOINT_PREFIX + "*"):
-        step = checkpoint_step(path)
-        if step is not None and path.is_dir() and (path / "trainer_state.json").is_file():
-            found.append((step, path))
-    return [path for _, path in sorted(found)]
-
-
 def _all_checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
     found = [(checkpoint_step(p), p) for p in Path(output_dir).glob(CHECKPOINT_PREFIX + "*") if p.is_dir()]
     return sorted((step, path) for step, path in found if step is not None)
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoint folders that hold a trainer state, oldest first (no file is read)."""
+    return [path for _, path in _all_checkpoint_dirs(output_dir) if (path / "trainer_state.json").is_file()]
 
 
 def checkpoint_problem(path: Path) -> Optional[str]:
@@ -125,16 +122,6 @@ RESUMABLE_FIELDS = (
 )
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def check_resumed_recipe(output_dir: Path, recipe) -> None:
     """Refuse to resume with a recipe that differs from the run's recipe.yaml outside RESUMABLE_FIELDS."""
     recorded_path = Path(output_dir) / "recipe.yaml"
@@ -142,7 +129,7 @@ def check_resumed_recipe(output_dir: Path, recipe) -> None:
         recorded = validate_recipe(yaml.safe_load(recorded_path.read_text(encoding="utf-8")))
     except (OSError, ValueError, ConfigError, yaml.YAMLError, TypeError):
         return  # no readable record (a run from an older version): nothing to compare with
-    before, after = (_flatten(yaml.safe_load(recipe_to_yaml(r))) for r in (recorded, recipe))
+    before, after = (flatten(yaml.safe_load(recipe_to_yaml(r))) for r in (recorded, recipe))
     changed = [key for key in sorted(before.keys() | after.keys())
                if before.get(key) != after.get(key) and not key.startswith(RESUMABLE_FIELDS)]
     if changed:
@@ -162,6 +149,13 @@ RUN_ENTRIES = {
     *ADAPTER_FILES["bottleneck"], "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "vocab.json",
     "merges.txt", "added_tokens.json", "tensorboard", "wandb",
 }
+
+
+def is_run_dir(path: Path) -> bool:
+    """A folder `qlora train` wrote (not just any folder holding a recipe.yaml, such as a project's
+    own, which must never become an output.dir that --force would clear)."""
+    written = ("metrics.json", *(names[0] for names in ADAPTER_FILES.values()))
+    return any((path / name).is_file() for name in written) or any(child.is_dir() for child in path.glob(CHECKPOINT_PREFIX + "*"))
 
 
 def foreign_entries(output_dir: Path) -> list[str]:
@@ -283,22 +277,19 @@ def publish_adapter(model, tokenizer, output_dir: Path, state_dict: Optional[dic
     output_dir = Path(output_dir)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX + "saving-", dir=output_dir))
     try:
-        if state_dict is not None:  # gathered from FSDP shards
-            model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
-        else:
-            from qlora_cli import adapters
+        with disk_errors("the final adapter", output_dir):
+            if state_dict is not None:  # gathered from FSDP shards
+                model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
+            else:
+                from qlora_cli import adapters
 
-            adapters.save(model, staging)  # peft adapters, or our bottleneck adapter
-        tokenizer.save_pretrained(staging)
-        _fsync_tree(staging)
-        weights = adapter_files(staging)[1]
-        (output_dir / weights).unlink(missing_ok=True)
-        for item in sorted(staging.iterdir(), key=lambda p: p.name == weights):
-            os.replace(item, output_dir / item.name)
-        _fsync_dir(output_dir)
-    except OSError as exc:
-        if exc.errno in DISK_ERRNOS:
-            raise disk_error("the final adapter", exc, output_dir) from exc
-        raise
+                adapters.save(model, staging)  # peft adapters, or our bottleneck adapter
+            tokenizer.save_pretrained(staging)
+            _fsync_tree(staging)
+            weights = adapter_files(staging)[1]
+            (output_dir / weights).unlink(missing_ok=True)
+            for item in sorted(staging.iterdir(), key=lambda p: p.name == weights):
+                os.replace(item, output_dir / item.name)
+            _fsync_dir(output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -213,15 +213,14 @@ def merge(
         if (report["update_rounding"] or 0) > 0.1:
             err.print(f"[yellow]warning:[/] {dtype} rounding lost {100 * report['update_rounding']:.0f}% of the adapter's update; "
                       "--dtype fp16 rounds 8x finer, --dtype fp32 keeps all of it")
-    gguf_failures = [failure for failure in result.failures if failure.startswith("the GGUF") or failure.startswith("GGUF")]
-    if gguf_failures and len(gguf_failures) == len(result.failures):
+    if result.gguf_failures and not result.failures:
         raise VerificationError(
-            f"the GGUF file does not reproduce the merged model: {'; '.join(gguf_failures)}. It is in {result.output} with {REPORT_NAME}; "
+            f"the GGUF file does not reproduce the merged model: {'; '.join(result.gguf_failures)}. It is in {result.output} with {REPORT_NAME}; "
             "a higher --gguf-type (f16) rounds less, --no-verify accepts it as it is"
         )
     if result.failures:
         raise VerificationError(
-            f"the merged model drifts from base + adapter: {'; '.join(result.failures)}. The checkpoint is in {result.output} "
+            f"the merged model drifts from base + adapter: {'; '.join(result.failures + result.gguf_failures)}. The checkpoint is in {result.output} "
             f"with {REPORT_NAME}; --dtype fp32 avoids rounding the merged weights, --no-verify accepts them as they are"
         )
 

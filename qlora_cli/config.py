@@ -347,12 +347,14 @@ def validate_recipe(data: dict, lines: Optional[dict[str, int]] = None, source: 
         raise ConfigError(_format_validation_error(exc, lines or {}, source)) from None
 
 
-def _is_run_dir(path: Path) -> bool:
-    """A folder `qlora train` wrote (not just any folder holding a recipe.yaml, such as a project's
-    own, which must never become an output.dir that --force would clear)."""
-    return any((path / name).is_file() for name in ("metrics.json", "adapter_config.json", "bottleneck_config.json")) or any(
-        child.is_dir() for child in path.glob("checkpoint-*")
-    )
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'lora': {'r': 8}} -> {'lora.r': 8}; lists stay values."""
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
 
 
 def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Recipe:
@@ -371,7 +373,9 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read recipe {path}: {exc}") from None
     data, lines = _parse_yaml(text, str(path))
-    if run_dir is not None and _is_run_dir(run_dir) and isinstance(data, dict) and isinstance(data.get("output"), dict):
+    from qlora_cli.checkpointing import is_run_dir  # here, not at the top: checkpointing imports this module
+
+    if run_dir is not None and is_run_dir(run_dir) and isinstance(data, dict) and isinstance(data.get("output"), dict):
         # A run directory is its own output.dir, also after it was moved or copied elsewhere.
         data["output"] = {**data["output"], "dir": str(run_dir)}
     data = apply_overrides(data, overrides or [])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -253,5 +252,5 @@ def write_gguf(model, tokenizer, path: Path, gguf_type: str, name: str) -> dict:
     }
 
 
-def display_name(base_model: str, run_dir: Path, extra: Optional[str] = None) -> str:
-    return f"{Path(base_model).name} {run_dir.resolve().name}" + (f" {extra}" if extra else "")
+def display_name(base_model: str, run_dir: Path) -> str:
+    return f"{Path(base_model).name} {run_dir.resolve().name}"

@@ -24,7 +24,9 @@ from typing import Optional
 
 import torch
 
-IGNORE_INDEX = -100
+from qlora_cli.data import IGNORE_INDEX
+from qlora_cli.errors import ConfigError
+
 CHUNK_LOGIT_BYTES = 256 * 2**20  # fp32 logits held at once by the chunked kernel
 
 
@@ -130,15 +132,11 @@ def select_loss_kernel(requested: str, model) -> LossKernel:
         return LossKernel("standard", "requested")
     reason = unsupported_reason(model)
     if reason:
-        from qlora_cli.errors import ConfigError
-
         if requested != "auto":
             raise ConfigError(f"train.loss_kernel={requested} cannot be used: {reason}; set train.loss_kernel=standard")
         return LossKernel("standard", reason)
     liger = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
     if requested == "liger" and not liger:
-        from qlora_cli.errors import ConfigError
-
         raise ConfigError("train.loss_kernel=liger needs a CUDA GPU and `pip install liger-kernel`; or set train.loss_kernel=auto")
     if requested == "liger" or (requested == "auto" and liger):
         return LossKernel("liger", "Liger fused linear cross-entropy (CUDA)")

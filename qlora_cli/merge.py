@@ -27,6 +27,7 @@ from qlora_cli import drift, gguf_export, inference, modeling
 from qlora_cli.adapters import MERGEABLE, WHY_NOT_MERGEABLE
 from qlora_cli.config import Recipe, load_recipe
 from qlora_cli.errors import ConfigError, ModelError, ResourceError
+from qlora_cli.storage import existing_ancestor
 
 BASE_MODES = ("original", "dequantized")
 FORMATS = ("hf", "gguf")
@@ -40,7 +41,8 @@ _SIDE_FILES_BYTES = 64 * 2**20
 class MergeResult:
     output: Path
     report: dict
-    failures: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # the merged model against base + adapter
+    gguf_failures: list[str] = field(default_factory=list)  # the GGUF file against the merged model
 
 
 # ---- preflight: cheap checks before loading any weights ---------------------------------
@@ -73,9 +75,9 @@ def check_output(output: Path, run_dir: Path, recipe: Recipe, force: bool) -> No
         folder = folder.resolve()
         if output.resolve() == folder or output.resolve() in folder.parents:
             raise ResourceError(f"--output {output} would replace {folder}; choose a new folder")
-    if output.is_dir() and any(output.iterdir()) and not force:
-        raise ResourceError(f"--output {output} is not empty; choose a new or empty folder, or pass --force to replace it")
-    if output.is_dir() and any(output.iterdir()) and force:
+    if output.is_dir() and any(output.iterdir()):
+        if not force:
+            raise ResourceError(f"--output {output} is not empty; choose a new or empty folder, or pass --force to replace it")
         # --force deletes the folder: only an earlier merge's output, never the user's files or the working directory.
         if Path.cwd().resolve().is_relative_to(output.resolve()):
             raise ResourceError(f"--output {output} holds the current directory, which --force would delete; choose a new folder")
@@ -87,13 +89,6 @@ def check_output(output: Path, run_dir: Path, recipe: Recipe, force: bool) -> No
     parent = existing_ancestor(output.parent)
     if not os.access(parent, os.W_OK):
         raise ResourceError(f"--output {output}: {parent} is not writable; choose another folder")
-
-
-def existing_ancestor(path: Path) -> Path:
-    path = path.resolve()
-    while not path.exists():
-        path = path.parent
-    return path
 
 
 def load_run_tokenizer(run_dir: Path, recipe: Recipe):
@@ -375,9 +370,10 @@ def run_merge(
             "formats": list(chosen),
         }
         failures: list[str] = []
+        gguf_failures: list[str] = []
         if verify:
             report["verification"] = drift.verify(recipe, run_dir, staging, tokenizer, base_mode, dtype, verify_samples, batch_size, show_progress)
-            failures = list(report["verification"]["failures"])
+            failures = report["verification"]["failures"]
         else:
             report["verification"] = None
         if exported is not None:
@@ -387,7 +383,7 @@ def run_merge(
                 gguf_check.verify(recipe, staging, exported["file"], tokenizer, gguf_type, verify_samples, batch_size, show_progress)
                 if verify else None
             )
-            failures += exported["verification"]["failures"] if verify else []
+            gguf_failures = exported["verification"]["failures"] if verify else []
             report["gguf"] = exported
         if "hf" not in chosen:
             drop_checkpoint(staging, keep=exported["file"])
@@ -398,4 +394,4 @@ def run_merge(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return MergeResult(output=output, report=report, failures=failures)
+    return MergeResult(output=output, report=report, failures=failures, gguf_failures=gguf_failures)

@@ -8,10 +8,11 @@ global state, and `qlora estimate` never pays for the import.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from qlora_cli.atomic import write_atomic
 
 PLOT_NAME = "loss.png"
 TOKENS_KEY = "num_input_tokens_seen"  # the Trainer's name; QloraTrainer.log adds it to every log entry
@@ -121,11 +122,7 @@ def figure_of(runs: list[RunCurves], title: str = ""):
 
 def draw(runs: list[RunCurves], path: Path, title: str = "") -> Path:
     """figure_of(runs), written as a PNG atomically to `path`."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    figure_of(runs, title).savefig(temporary, format="png")
-    os.replace(temporary, path)
-    return path
+    return write_atomic(path, lambda temporary: figure_of(runs, title).savefig(temporary, format="png"))
 
 
 def _number(value) -> str:

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import yaml
 
+from qlora_cli.config import flatten
 from qlora_cli.errors import ConfigError
 
 NOT_A_RUN = "pass the output.dir of a `qlora train` run"
@@ -26,16 +27,6 @@ class Run:
     metrics: dict
     recipe: dict  # dotted key -> value, from recipe.yaml ({} when missing)
     evaluation: Optional[dict]  # eval.json of `qlora evaluate`, when present
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{'lora': {'r': 8}} -> {'lora.r': 8}; lists stay values."""
-    if not isinstance(tree, dict):
-        return {prefix.rstrip("."): tree} if prefix else {}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return flat
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -20,8 +20,9 @@ from qlora_cli.atomic import write_text_atomic
 from qlora_cli.adapter_config import method_sections_to_drop
 from qlora_cli.config import Recipe, validate_recipe
 from qlora_cli.errors import ConfigError, ResourceError
-from qlora_cli.estimate import GIB, Architecture, Gpu, estimate, parse_memory, plan_from_recipe, resolve, resolve_gpu
+from qlora_cli.estimate import GIB, Architecture, Gpu, estimate, plan_from_recipe, resolve
 from qlora_cli.estimate.advice import largest_fitting
+from qlora_cli.estimate.command import card_from_flags
 from qlora_cli.estimate.gpu import cards_that_fit
 from qlora_cli.estimate.plan import Plan
 
@@ -186,9 +187,7 @@ def card(gpu: Optional[str], gpu_memory: Optional[str]) -> tuple[Gpu, str]:
     """The card and how `qlora estimate` names it (--gpu NAME or --gpu-memory SIZE)."""
     if bool(gpu) == bool(gpu_memory):
         raise ConfigError("give --gpu NAME (e.g. RTX4090) or --gpu-memory SIZE (e.g. 24GiB), one of them")
-    if gpu:
-        return resolve_gpu(gpu), f"--gpu {gpu}"
-    return Gpu(f"{gpu_memory.strip()} card", parse_memory(gpu_memory)), f"--gpu-memory {gpu_memory.strip()}"
+    return card_from_flags(gpu, gpu_memory), f"--gpu {gpu}" if gpu else f"--gpu-memory {gpu_memory.strip()}"
 
 
 def init_recipe(model: str, gpu_name: Optional[str], task: str, output: Path, force: bool, gpu_memory: Optional[str] = None) -> Started:

@@ -21,8 +21,9 @@ OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2.5, 
 OVERHEAD_BYTES = 64 * 2**20
 
 
-def _existing_ancestor(path: Path) -> Path:
-    path = Path(path).absolute()
+def existing_ancestor(path: Path) -> Path:
+    """The nearest folder of `path` (itself included) that exists: where it would be created."""
+    path = Path(path).resolve()
     while not path.exists():
         path = path.parent
     return path
@@ -31,7 +32,7 @@ def _existing_ancestor(path: Path) -> Path:
 def probe_writable(output_dir: Path) -> None:
     """Create and delete a file where the run will write: the only test that holds for root,
     read-only mounts and network filesystems alike."""
-    target = _existing_ancestor(output_dir)
+    target = existing_ancestor(output_dir)
     if not target.is_dir():
         raise ResourceError(f"output.dir {output_dir}: {target} is a file, not a directory; choose another output.dir")
     try:
@@ -71,7 +72,7 @@ def check_free_space(recipe: Recipe, trainable_params: int, reclaimable: bool = 
     What the run directory already holds counts as used by the run (a resumed run's
     checkpoints), or as freed when `reclaimable` (--force deletes it first)."""
     output_dir = Path(recipe.output.dir)
-    target = _existing_ancestor(output_dir)
+    target = existing_ancestor(output_dir)
     free = shutil.disk_usage(target).free
     already = _size_of(output_dir)
     need = required_bytes(recipe, trainable_params) - (0 if reclaimable else already)

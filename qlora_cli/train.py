@@ -22,8 +22,6 @@ from qlora_cli.config import Recipe, recipe_to_yaml
 from qlora_cli.data import check_sources, load_splits
 from qlora_cli.errors import ConfigError, ResourceError
 
-CHECKPOINT_PREFIX = checkpointing.CHECKPOINT_PREFIX
-checkpoints = checkpointing.checkpoints
 _OPTIMIZERS = {
     "paged_adamw_8bit": "paged_adamw_8bit",
     "paged_adamw_32bit": "paged_adamw_32bit",
@@ -195,12 +193,16 @@ class QloraTrainer(Trainer):
     def _get_output_dir(self, trial) -> str:
         return str(self._staging_root) if self._staging_root is not None else super()._get_output_dir(trial)
 
-    def _save_checkpoint(self, model, trial) -> None:
-        if self.loss_guard.bad_step is not None:
-            return
-        # Every rank must decide alike (under FSDP each sees only its shard), or a save's barrier waits forever.
-        if distributed.any_rank(not trainable_finite(model), self.args.device):
+    def adapter_went_nonfinite(self, model=None) -> bool:
+        """Trip the guard when any rank's adapter weights hold NaN/inf. Every rank must decide alike
+        (under FSDP each sees only its shard), or a save's barrier waits forever."""
+        if distributed.any_rank(not trainable_finite(model or self.model), self.args.device):
             self.loss_guard.trip(self.state.global_step, "the adapter weights", self.control)
+            return True
+        return False
+
+    def _save_checkpoint(self, model, trial) -> None:
+        if self.loss_guard.bad_step is not None or self.adapter_went_nonfinite(model):
             return
         run_dir = Path(super()._get_output_dir(trial))
         with checkpointing.staged_checkpoint(
@@ -372,9 +374,9 @@ def run_training(
             with checkpointing.disk_errors("metrics.json", output_dir):
                 metrics = write_metrics(output_dir / "metrics.json", trainer.state, meter, extra)
             plots.write_loss_plot(output_dir, metrics)
-        if guard.bad_step is None and distributed.any_rank(not trainable_finite(trainer.model), trainer.args.device):
-            guard.trip(trainer.state.global_step, "the adapter weights", trainer.control)
-        guard.raise_if_tripped(checkpointing.newest_intact(output_dir)[0])
+        if guard.bad_step is None:
+            trainer.adapter_went_nonfinite()
+        guard.raise_if_tripped(output_dir)
         if not interrupted:
             # Under FSDP / DeepSpeed every rank takes part in gathering the full adapter; only rank 0 writes it.
             sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled

@@ -62,7 +62,8 @@ def _load(recipe: Optional[Path], model: Optional[str], overrides: list[str]):
     return validate_recipe(apply_overrides(skeleton, overrides), source="qlora estimate flags")
 
 
-def _gpu(gpu: Optional[str], gpu_memory: Optional[str]) -> Optional[Gpu]:
+def card_from_flags(gpu: Optional[str], gpu_memory: Optional[str]) -> Optional[Gpu]:
+    """The card of --gpu NAME or --gpu-memory SIZE (None for neither)."""
     if gpu and gpu_memory:
         raise ConfigError("give --gpu or --gpu-memory, not both")
     if gpu:
@@ -196,7 +197,7 @@ def estimate_command(
     """Estimate the peak GPU memory of a training step, term by term, and whether it fits a card."""
     overrides = _flag_overrides(quant, rank, seq_len, batch, gradient_checkpointing, optimizer, target_modules, attn)
     config = _load(recipe, model, overrides + list(set_ or []))
-    card = _gpu(gpu, gpu_memory)
+    card = card_from_flags(gpu, gpu_memory)
     result = estimate(resolve(config.model.path), plan_from_recipe(config, processes=nproc))
     judged = verdict(result, card) if card else None
     measured = None

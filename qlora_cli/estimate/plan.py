@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional, Union
 
+from qlora_cli.adapter_config import PROMPT_METHODS
 from qlora_cli.config import Recipe
 
 ATTENTION_AUTO = "sdpa"  # what `auto` gives on a GPU without flash-attn installed (modeling.attn_implementation)
@@ -86,7 +87,7 @@ def _fused_loss(recipe: Recipe) -> bool:
     """Whether `train.loss_kernel` gets a fused loss (kernels.unsupported_reason, by the recipe alone)."""
     lora = recipe.lora
     targets = () if isinstance(lora.target_modules, str) else lora.target_modules
-    if recipe.adapter.method in ("prompt_tuning", "prefix_tuning", "p_tuning"):
+    if recipe.adapter.method in PROMPT_METHODS:
         return False  # prompt-learning adapters change the forward: the standard loss
     if any("lm_head" in pattern for pattern in recipe.adapter.unfreeze):
         return False  # a trained (wrapped) lm_head: the standard loss

@@ -128,3 +128,17 @@ def test_schema_is_json_and_checked_in():
     schema = json.loads(result.stdout)
     shipped = Path(__file__).resolve().parents[2] / "docs" / "recipe.schema.json"
     assert json.loads(shipped.read_text()) == schema, "regenerate: qlora schema > docs/recipe.schema.json"
+
+
+def test_merge_names_which_verification_failed(tmp_path, monkeypatch):
+    from qlora_cli import merge
+
+    def merged_with(failures, gguf_failures):
+        result = merge.MergeResult(tmp_path / "out", {"verification": None}, failures, gguf_failures)
+        monkeypatch.setattr(merge, "run_merge", lambda *args, **kwargs: result)
+        return one_line_error(invoke("merge", tmp_path, "--output", tmp_path / "out", "--json"), 6)
+
+    line = merged_with([], ["GGUF top-1 agreement with the merged model 90.00% < 95%"])
+    assert "the GGUF file does not reproduce the merged model: GGUF top-1" in line
+    line = merged_with(["top-1 agreement 80.00% < 90.0%"], ["the GGUF chat template differs from the run's"])
+    assert "the merged model drifts from base + adapter: top-1 agreement 80.00% < 90.0%; the GGUF chat template differs" in line

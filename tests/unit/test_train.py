@@ -12,7 +12,8 @@ from transformers import TrainerCallback
 from qlora_cli import modeling
 from qlora_cli.config import validate_recipe
 from qlora_cli.errors import ConfigError, ResourceError
-from qlora_cli.train import checkpoints, run_training
+from qlora_cli.checkpointing import checkpoints
+from qlora_cli.train import run_training
 
 
 def recipe_from(recipe_dict, **sections):
