@@ -12,8 +12,8 @@ from typing import Any, Optional
 
 import yaml
 
-from qlora_cli.config import flatten
 from qlora_cli.errors import ConfigError
+from qlora_cli.recipe.loader import flatten
 
 NOT_A_RUN = "pass the output.dir of a `qlora train` run"
 EVAL_METRICS = (("loss", "loss"), ("perplexity", "perplexity"), ("exact_match", "exact match"), ("normalized_match", "normalised match"))

@@ -60,12 +60,20 @@ def run_baseline(args) -> dict:
     """(a) The tutorial script, written as the QLoRA tutorials write it."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
-    from qlora_cli.config import DataSection
-    from qlora_cli.data import load_rows, tokenize_rows
-    from qlora_cli.modeling import resolve_dtype
+    from qlora_cli.data.sources import load_rows
+    from qlora_cli.data.splits import tokenize_rows
+    from qlora_cli.model.loading import resolve_dtype
+    from qlora_cli.recipe.schema import DataSection
 
     dtype = resolve_dtype(args.baseline_dtype)
     set_seed(args.seed)

@@ -1,24 +1,16 @@
 """`qlora estimate --measure`: a few real training steps of the recipe on random tokens on a CUDA
-GPU, and the peak memory PyTorch saw. The only part of the estimate package that imports torch."""
+GPU, and the peak memory PyTorch saw: the model, loss kernel and optimizer `qlora train` would
+build (train/run.py's build_model). The only part of the estimate package that imports torch."""
 
 from __future__ import annotations
 
-from qlora_cli.config import Recipe
 from qlora_cli.errors import ResourceError
+from qlora_cli.model import kernels, loading
+from qlora_cli.recipe.schema import Recipe
+from qlora_cli.train.arguments import build_training_args
+from qlora_cli.train.run import build_model
 
 GIB = 1024**3
-
-
-def _optimizer(name: str, params: list, learning_rate: float):
-    import torch
-
-    if name == "adamw_torch":
-        return torch.optim.AdamW(params, lr=learning_rate)
-    import bitsandbytes as bnb
-
-    classes = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
-               "adamw_8bit": bnb.optim.AdamW8bit}
-    return classes[name](params, lr=learning_rate)
 
 
 def _random_batch(recipe: Recipe, vocab_size: int, generator):
@@ -40,14 +32,17 @@ def measure_peak(recipe: Recipe, steps: int = 3) -> dict:
 
     if not torch.cuda.is_available():
         raise ResourceError("--measure needs a CUDA GPU and none is visible here (torch.cuda.is_available() is False); drop --measure")
-    from qlora_cli import modeling
 
-    dtype = modeling.compute_dtype(recipe)
-    model = modeling.load_base_model(recipe)
-    model = modeling.prepare_for_training(model, recipe.train.gradient_checkpointing)
-    model = modeling.attach_adapter(model, recipe.lora)
+    from transformers import Trainer
+
+    # The model, loss kernel and optimizer `qlora train` builds for this recipe, not a look-alike.
+    dtype = loading.compute_dtype(recipe)
+    adapter, loss_kernel = build_model(recipe)
+    model = adapter.model
     model.train()
-    optimizer = _optimizer(recipe.train.optimizer, [p for p in model.parameters() if p.requires_grad], recipe.train.learning_rate)
+    args = build_training_args(recipe, dtype, has_eval=False, model=model)
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    optimizer = optimizer_cls([p for p in model.parameters() if p.requires_grad], **optimizer_kwargs)
     vocab_size = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(recipe.train.seed)
     device = next(model.parameters()).device
@@ -56,7 +51,7 @@ def measure_peak(recipe: Recipe, steps: int = 3) -> dict:
     for _ in range(steps):
         batch = {k: v.to(device) for k, v in _random_batch(recipe, vocab_size, generator).items()}
         with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(**batch).loss
+            loss = kernels.causal_lm_loss(model, batch, loss_kernel)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional, Union
 
-from qlora_cli.adapter_config import PROMPT_METHODS
-from qlora_cli.config import Recipe
+from qlora_cli.recipe.adapter_section import PROMPT_METHODS
+from qlora_cli.recipe.schema import Recipe
 
 ATTENTION_AUTO = "sdpa"  # what `auto` gives on a GPU without flash-attn installed (modeling.attn_implementation)
 

@@ -12,8 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qlora_cli.cli import app
-from qlora_cli.config import load_recipe
-
+from qlora_cli.recipe.loader import load_recipe
 from tests.conftest import DEMO_MODEL, ROOT
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

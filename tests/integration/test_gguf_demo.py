@@ -34,7 +34,7 @@ def demo_gguf(tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_cli.gguf_export import write_gguf
+    from qlora_cli.export.gguf_writer import write_gguf
 
     model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.bfloat16)
     path = tmp_path_factory.mktemp("demo-gguf") / "model-f16.gguf"

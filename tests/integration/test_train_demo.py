@@ -38,7 +38,7 @@ def test_adapter_loads_with_peft_and_changes_logits(demo_run):
 
 
 def test_run_directory_holds_the_resolved_recipe(demo_run):
-    from qlora_cli.config import load_recipe
+    from qlora_cli.recipe.loader import load_recipe
 
     recipe = load_recipe(demo_run)
     assert recipe.train.max_steps == 4 and recipe.data.max_rows == 32 and recipe.quantization.bits == 4

@@ -9,13 +9,15 @@ import pytest
 import torch
 import yaml
 
-from qlora_cli import adapters, bottleneck, modeling
-from qlora_cli.config import load_recipe, recipe_to_yaml, validate_recipe
+from qlora_cli import rundir
 from qlora_cli.errors import ConfigError, ModelError
 from qlora_cli.estimate.architecture import from_config
 from qlora_cli.estimate.methods import trainable_params
 from qlora_cli.estimate.plan import plan_from_recipe
-from qlora_cli.train import run_training
+from qlora_cli.model import adapters, loading
+from qlora_cli.model.adapters import bottleneck
+from qlora_cli.recipe.loader import load_recipe, recipe_to_yaml, validate_recipe
+from qlora_cli.train.run import run_training
 
 METHOD_LR = {"lora": 3e-2, "ia3": 5e-2, "prompt_tuning": 5e-2, "prefix_tuning": 3e-2, "p_tuning": 3e-2, "bottleneck": 3e-2}
 
@@ -119,31 +121,31 @@ def test_bottleneck_starts_at_the_base_and_round_trips(tiny_model_dir, tmp_path)
         "adapter": {"method": "bottleneck", "bottleneck": {"size": 8, "placement": ["mlp"]}},
         "data": {"train": "x.jsonl", "format": "chat"}, "output": {"dir": str(tmp_path / "run")},
     })
-    model = modeling.load_base_model(recipe)
+    model = loading.load_base_model(recipe)
     ids = torch.tensor([[3, 5, 6, 7, 9]])
     with torch.no_grad():
         base = model(ids).logits
-        adapters.attach(model, recipe)
+        adapter = adapters.attach(model, recipe)
         assert torch.equal(model(ids).logits, base), "a zero up-projection must leave the model unchanged"
         for _, slot in bottleneck.slots(model):
             torch.nn.init.normal_(slot.adapters["default"].up.weight)
         trained = model(ids).logits
     assert not torch.allclose(trained, base)
-    adapters.save(model, tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [bottleneck.CONFIG_NAME, bottleneck.WEIGHTS_NAME]
-    fresh = adapters.load_adapters(modeling.load_base_model(recipe), [("topics", tmp_path / "adapter")])
+    adapter.save(tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [rundir.BOTTLENECK_CONFIG, rundir.BOTTLENECK_WEIGHTS]
+    fresh = adapters.load_adapters(loading.load_base_model(recipe), [("topics", tmp_path / "adapter")]).model
     with torch.no_grad():
         assert torch.allclose(fresh(ids).logits, trained, atol=1e-6)
         with adapters.only_base(fresh):
             assert torch.allclose(fresh(ids).logits, base, atol=1e-6)
-    other = modeling.load_base_model(recipe)
+    other = loading.load_base_model(recipe)
     bottleneck.attach(other, {"size": 4, "placement": ["mlp"], "activation": "relu"}, "smaller")
     with pytest.raises(ModelError, match="does not fit this model"):
         bottleneck.load_weights(other, tmp_path / "adapter", "smaller")
 
 
 def test_a_bottleneck_run_checkpoints_and_resumes(recipe_dict):
-    from qlora_cli.checkpointing import checkpoint_problem, newest_intact
+    from qlora_cli.train.checkpointing import checkpoint_problem, newest_intact
 
     data = method_recipe(recipe_dict, "bottleneck")
     data["train"].update({"max_steps": 2, "save_steps": 1})
@@ -154,4 +156,4 @@ def test_a_bottleneck_run_checkpoints_and_resumes(recipe_dict):
     data["train"]["max_steps"] = 3
     resumed = run_training(validate_recipe(data), resume=True, show_progress=False)
     assert resumed.info["resumed_from"].endswith("checkpoint-2") and resumed.metrics["global_step"] == 3
-    assert (resumed.output_dir / bottleneck.WEIGHTS_NAME).is_file()
+    assert (resumed.output_dir / rundir.BOTTLENECK_WEIGHTS).is_file()

@@ -7,6 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from qlora_cli.cli import app
+from qlora_cli.merge import fold
 from tests.conftest import write_jsonl
 
 runner = CliRunner()
@@ -104,7 +105,7 @@ def test_resume_and_force_together(tmp_path, recipe_dict):
 
 
 def test_nproc_relaunches_the_same_command_through_torchrun(tmp_path, recipe_dict, monkeypatch):
-    from qlora_cli import distributed
+    from qlora_cli.train import distributed
 
     launched = []
     monkeypatch.setattr(distributed, "relaunch", lambda nproc, argv: launched.append((nproc, argv)) or 0)
@@ -131,11 +132,10 @@ def test_schema_is_json_and_checked_in():
 
 
 def test_merge_names_which_verification_failed(tmp_path, monkeypatch):
-    from qlora_cli import merge
 
     def merged_with(failures, gguf_failures):
-        result = merge.MergeResult(tmp_path / "out", {"verification": None}, failures, gguf_failures)
-        monkeypatch.setattr(merge, "run_merge", lambda *args, **kwargs: result)
+        result = fold.MergeResult(tmp_path / "out", {"verification": None}, failures, gguf_failures)
+        monkeypatch.setattr(fold, "run_merge", lambda *args, **kwargs: result)
         return one_line_error(invoke("merge", tmp_path, "--output", tmp_path / "out", "--json"), 6)
 
     line = merged_with([], ["GGUF top-1 agreement with the merged model 90.00% < 95%"])

@@ -3,8 +3,8 @@ every token unchanged."""
 
 import torch
 
-from qlora_cli.collate import PackingCollator, PaddingCollator, real_tokens
-from qlora_cli.data import IGNORE_INDEX
+from qlora_cli.data.collate import PackingCollator, PaddingCollator, real_tokens
+from qlora_cli.data.formats import IGNORE_INDEX
 from tests.conftest import build_tiny_llama
 
 PAD = 2

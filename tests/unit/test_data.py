@@ -3,9 +3,11 @@ tokenizer (one word = one id), plus the data errors a user can make."""
 
 import pytest
 
-from qlora_cli.config import DataSection
-from qlora_cli.data import IGNORE_INDEX, format_row, load_rows, load_splits, prompt_and_reference, tokenize_rows
+from qlora_cli.data.formats import IGNORE_INDEX, format_row, prompt_and_reference
+from qlora_cli.data.sources import load_rows
+from qlora_cli.data.splits import load_splits, tokenize_rows
 from qlora_cli.errors import DataError
+from qlora_cli.recipe.schema import DataSection
 from tests.conftest import write_jsonl
 
 

@@ -5,10 +5,10 @@ across world sizes, --nproc, and the per-GPU estimate under DDP and FSDP."""
 import pytest
 import torch
 
-from qlora_cli import distributed
 from qlora_cli.errors import ConfigError
 from qlora_cli.estimate import estimate, plan_from_recipe, resolve
-from qlora_cli.modeling import build_quant_config
+from qlora_cli.model.loading import build_quant_config
+from qlora_cli.train import distributed
 from tests.conftest import build_tiny_llama
 from tests.unit.test_train import recipe_from as recipe
 
@@ -107,7 +107,7 @@ def test_estimate_per_gpu_memory_under_ddp_and_fsdp(recipe_dict):
 
 
 def test_a_launchers_echo_of_ctrl_c_does_not_abort_the_checkpoint(monkeypatch):
-    from qlora_cli.callbacks import StopOnSignal
+    from qlora_cli.train.callbacks import StopOnSignal
 
     single = StopOnSignal()
     single._handle(2, None)

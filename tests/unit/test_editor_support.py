@@ -10,7 +10,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from qlora_cli.cli import app
-from qlora_cli.config import recipe_schema
+from qlora_cli.recipe.schema import recipe_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

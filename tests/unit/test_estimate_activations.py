@@ -121,7 +121,8 @@ def test_logits_are_twelve_bytes_per_token_and_vocab_entry():
 
 def test_fused_loss_holds_one_chunk_of_logits():
     from qlora_cli.estimate.activations import CHUNK_LOGIT_BYTES
-    from qlora_cli.kernels import CHUNK_LOGIT_BYTES as KERNEL_CHUNK_BYTES, chunk_tokens
+    from qlora_cli.model.kernels import CHUNK_LOGIT_BYTES as KERNEL_CHUNK_BYTES
+    from qlora_cli.model.kernels import chunk_tokens
 
     assert CHUNK_LOGIT_BYTES == KERNEL_CHUNK_BYTES
     arch = resolve("meta-llama/Llama-3.1-8B")

@@ -8,10 +8,10 @@ import copy
 
 import pytest
 
-from qlora_cli.config import LoraSection, validate_recipe
 from qlora_cli.estimate import Plan, plan_from_recipe, resolve
 from qlora_cli.estimate.memory import base_weight_bytes, trainable_params
-
+from qlora_cli.recipe.loader import validate_recipe
+from qlora_cli.recipe.schema import LoraSection
 from tests.conftest import DEMO_MODEL
 
 pytestmark = pytest.mark.skipif(not DEMO_MODEL.is_dir(), reason="demo model missing: run `qlora demo-model`")
@@ -49,7 +49,7 @@ def stored_bytes(model) -> int:
 
 @pytest.fixture(scope="module")
 def bf16_model():
-    from qlora_cli.modeling import load_base_model
+    from qlora_cli.model.loading import load_base_model
 
     return load_base_model(demo_recipe(bits=16))
 
@@ -69,7 +69,7 @@ def test_16bit_weights_equal_the_loaded_model(bf16_model):
 
 def test_4bit_weights_equal_the_loaded_model():
     """NF4 with double quant (the recipe default); without it, test_estimate_memory checks one weight."""
-    from qlora_cli.modeling import load_base_model
+    from qlora_cli.model.loading import load_base_model
 
     recipe = demo_recipe(bits=4, double_quant=True)
     model = load_base_model(recipe)
@@ -88,10 +88,13 @@ def test_4bit_weights_equal_the_loaded_model():
     ids=["r8-all-linear", "r16-qv", "r32-attn-dora", "r4-mlp-save-head"],
 )
 def test_trainable_params_equal_peft(bf16_model, lora):
-    from qlora_cli.modeling import attach_adapter, count_parameters
+    from peft import get_peft_model
+
+    from qlora_cli.model.adapters.lora import build_lora_config
+    from qlora_cli.model.loading import count_parameters
 
     section = LoraSection(**lora)
-    wrapped = attach_adapter(copy.deepcopy(bf16_model), section)
+    wrapped = get_peft_model(copy.deepcopy(bf16_model), build_lora_config(section))
     trainable, _ = count_parameters(wrapped)
     plan = Plan(lora_r=section.r, target_modules=section.target_modules if isinstance(section.target_modules, str) else tuple(section.target_modules),
                 use_dora=section.use_dora, modules_to_save=tuple(section.modules_to_save or ()))
@@ -99,12 +102,18 @@ def test_trainable_params_equal_peft(bf16_model, lora):
 
 
 def test_saved_activations_match_autograd_on_the_demo_model(bf16_model):
-    from qlora_cli.modeling import attach_adapter, prepare_for_training
+    from peft import get_peft_model
 
-    from tests.unit.test_estimate_activations import expected_cpu_bytes, measured_saved_bytes, random_batch
+    from qlora_cli.model.adapters.lora import build_lora_config
+    from qlora_cli.model.loading import prepare_for_training
+    from tests.unit.test_estimate_activations import (
+        expected_cpu_bytes,
+        measured_saved_bytes,
+        random_batch,
+    )
 
     model = prepare_for_training(copy.deepcopy(bf16_model), gradient_checkpointing=False)
-    wrapped = attach_adapter(model, LoraSection(r=16, target_modules="all-linear", dropout=0.05))
+    wrapped = get_peft_model(model, build_lora_config(LoraSection(r=16, target_modules="all-linear", dropout=0.05)))
     wrapped.train()
     plan = Plan(lora_r=16, seq_len=64, gradient_checkpointing=False)
     arch = resolve(str(DEMO_MODEL))

@@ -8,12 +8,15 @@ import copy
 
 import pytest
 
-from qlora_cli import adapters
-from qlora_cli.config import validate_recipe
 from qlora_cli.estimate import plan_from_recipe, resolve
 from qlora_cli.estimate.methods import trainable_params
-from qlora_cli.modeling import count_parameters, load_base_model, prepare_for_training
-
+from qlora_cli.model import adapters
+from qlora_cli.model.loading import (
+    count_parameters,
+    load_base_model,
+    prepare_for_training,
+)
+from qlora_cli.recipe.loader import validate_recipe
 from tests.conftest import DEMO_MODEL
 
 pytestmark = pytest.mark.skipif(not DEMO_MODEL.is_dir(), reason="demo model missing: run `qlora demo-model`")
@@ -47,6 +50,6 @@ def demo_base():
 @pytest.mark.parametrize("case", list(CASES))
 def test_estimated_trainable_params_equal_the_attached_adapter(demo_base, case):
     recipe = recipe_for(CASES[case])
-    model = adapters.attach(prepare_for_training(copy.deepcopy(demo_base), gradient_checkpointing=False), recipe)
+    model = adapters.attach(prepare_for_training(copy.deepcopy(demo_base), gradient_checkpointing=False), recipe).model
     trainable, _ = count_parameters(model)
     assert trainable_params(resolve(str(DEMO_MODEL)), plan_from_recipe(recipe)) == trainable

@@ -9,11 +9,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qlora_cli import inference, modeling
 from qlora_cli.cli import app
-from qlora_cli.dequantize import replace_4bit_layers
 from qlora_cli.errors import ConfigError, ModelError
-from qlora_cli.evaluate import exact_match, normalize_answer, normalized_match, parse_compare, resolve_target, run_evaluation
+from qlora_cli.evaluate import inference
+from qlora_cli.evaluate.scores import (
+    exact_match,
+    normalize_answer,
+    normalized_match,
+    parse_compare,
+    resolve_target,
+    run_evaluation,
+)
+from qlora_cli.model import loading
+from qlora_cli.model.quantized import replace_4bit_layers
 from tests.unit.tiny_run import PAIRS, chat_rows, make_run
 
 
@@ -45,7 +53,7 @@ def test_loss_is_token_weighted_cross_entropy_of_the_scored_tokens(tmp_path, tin
     run = make_run(tmp_path / "run", tiny_model_dir, data={"train_on_prompt": train_on_prompt})
     recipe, _ = resolve_target(run)
     report = run_evaluation(recipe, None, ["base"], batch_size=3, show_progress=False)
-    base = modeling.load_base_model(recipe).eval()
+    base = loading.load_base_model(recipe).eval()
     total, count = hand_loss(base, tiny_tokenizer, PAIRS, train_on_prompt)
     scores = report["models"]["base"]
     assert scores["scored_tokens"] == count
@@ -59,7 +67,7 @@ def test_loss_is_token_weighted_cross_entropy_of_the_scored_tokens(tmp_path, tin
 
 
 def test_batched_greedy_decoding_equals_one_prompt_at_a_time(tiny_model_dir, tiny_tokenizer):
-    model = modeling.load_base_model(tiny_recipe(tiny_model_dir)).eval()
+    model = loading.load_base_model(tiny_recipe(tiny_model_dir)).eval()
     prompts = [
         tiny_tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
         for text in ["cat", "which topic is the red dog about ?", "hello world", "one two three four five six seven eight"]
@@ -79,7 +87,7 @@ def test_batched_greedy_decoding_equals_one_prompt_at_a_time(tiny_model_dir, tin
 
 
 def tiny_recipe(model_dir, bits=16):
-    from qlora_cli.config import validate_recipe
+    from qlora_cli.recipe.loader import validate_recipe
 
     return validate_recipe({
         "model": {"path": str(model_dir), "dtype": "float32"}, "quantization": {"bits": bits},
@@ -99,7 +107,7 @@ def test_exact_and_normalised_match_are_counted_from_the_generations(tmp_path, t
     # and punctuation, 1 wrong, so the expected rates are known exactly.
     words = ["cat", "dog", "red", "blue"]
     recipe = tiny_recipe(tiny_model_dir)
-    model = modeling.load_base_model(recipe).eval()
+    model = loading.load_base_model(recipe).eval()
     prompts = [
         inference.prompt_ids(tiny_tokenizer.apply_chat_template([{"role": "user", "content": f"which topic is {w} ?"}], tokenize=False, add_generation_prompt=True), "chat", tiny_tokenizer)
         for w in words
@@ -124,7 +132,7 @@ def test_base_comes_from_the_same_model_with_the_adapter_disabled(run16):
 
 
 def test_cpu_inference_on_dequantized_layers_equals_bitsandbytes(tiny_model_dir):
-    model = modeling.load_base_model(tiny_recipe(tiny_model_dir, bits=4)).eval()
+    model = loading.load_base_model(tiny_recipe(tiny_model_dir, bits=4)).eval()
     ids = torch.tensor([[3, 4, 7, 9, 11, 2, 3, 5]])
     with torch.no_grad():
         expected = model(ids).logits

@@ -3,11 +3,18 @@ with a LoRA and a bottleneck adapter answering exactly as each adapter loaded al
 
 import pytest
 
-from qlora_cli import inference, modeling
-from qlora_cli.config import load_recipe
 from qlora_cli.errors import ConfigError, DataError
-from qlora_cli.generate import Generator, Prompt, parse_adapter_specs, parse_prompt, read_prompt_file, render
-
+from qlora_cli.evaluate import inference
+from qlora_cli.evaluate.generate import (
+    Generator,
+    Prompt,
+    parse_adapter_specs,
+    parse_prompt,
+    read_prompt_file,
+    render,
+)
+from qlora_cli.model import loading
+from qlora_cli.recipe.loader import load_recipe
 from tests.unit.test_merge_methods import method_run
 from tests.unit.tiny_run import make_run
 
@@ -37,7 +44,7 @@ def test_one_base_many_adapters_answer_like_each_alone(tmp_path, tiny_model_dir)
     generator = Generator(recipe, parse_adapter_specs([f"lora={lora}", f"bottle={bottle}"]))
     prompts = [Prompt(name, text) for name in ("lora", "bottle", "base", "lora") for text in ("which topic is cat ?",)]
     answers = generator.answer(prompts, max_new_tokens=4)
-    tokenizer = modeling.load_tokenizer(recipe.model)
+    tokenizer = loading.load_tokenizer(recipe.model)
 
     def alone(adapter_dir):
         model = inference.load_model_as_trained(recipe, adapter_dir)

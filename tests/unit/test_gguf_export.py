@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from qlora_cli import gguf_check, gguf_export, gguf_tokenizer, merge
 from qlora_cli.errors import ConfigError, ModelError
+from qlora_cli.export import gguf_check, gguf_tokenizer, gguf_writer
+from qlora_cli.merge import fold
 from tests.conftest import WORDS
 from tests.unit.tiny_run import chat_rows, make_run
 
@@ -77,7 +78,12 @@ def build_tiny_sentencepiece_tokenizer():
 
 
 def build_tiny_model(kind: str, vocab_size: int):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(0)
     shape = dict(
@@ -131,7 +137,7 @@ def test_gguf_loads_back_and_matches_the_merged_model(tiny_bpe_run, tmp_path, gg
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     output = tmp_path / "merged"
-    result = merge.run_merge(tiny_bpe_run, output, dtype="fp32", formats="hf,gguf", gguf_type=gguf_type, show_progress=False)
+    result = fold.run_merge(tiny_bpe_run, output, dtype="fp32", formats="hf,gguf", gguf_type=gguf_type, show_progress=False)
     assert result.failures == []
     exported = result.report["gguf"]
     name = f"model-{gguf_type}.gguf"
@@ -187,7 +193,7 @@ def test_llama_q_and_k_rows_are_permuted_for_llama_cpp_and_qwen2_are_not(tiny_bp
 
     model = AutoModelForCausalLM.from_pretrained(tiny_bpe_model_dir).eval()
     path = tmp_path / "model.gguf"
-    gguf_export.write_gguf(model, AutoTokenizer.from_pretrained(tiny_bpe_model_dir), path, "f16", "tiny")
+    gguf_writer.write_gguf(model, AutoTokenizer.from_pretrained(tiny_bpe_model_dir), path, "f16", "tiny")
     metadata, tensors = read_gguf(path)
     config = model.config
     attention = model.model.layers[1].self_attn
@@ -199,8 +205,8 @@ def test_llama_q_and_k_rows_are_permuted_for_llama_cpp_and_qwen2_are_not(tiny_bp
         half = config.head_dim // 2
         np.testing.assert_allclose(stored_q[1], q[half], atol=1e-2)
         np.testing.assert_allclose(stored_k[2], k[1], atol=1e-2)
-        np.testing.assert_allclose(stored_q, gguf_export.permute_for_rope(q, config.num_attention_heads), atol=1e-2)
-        np.testing.assert_allclose(stored_k, gguf_export.permute_for_rope(k, config.num_key_value_heads), atol=1e-2)
+        np.testing.assert_allclose(stored_q, gguf_writer.permute_for_rope(q, config.num_attention_heads), atol=1e-2)
+        np.testing.assert_allclose(stored_k, gguf_writer.permute_for_rope(k, config.num_key_value_heads), atol=1e-2)
         assert np.abs(stored_q - q).max() > 0.1
     else:
         np.testing.assert_allclose(stored_q, q, atol=1e-2)
@@ -209,7 +215,7 @@ def test_llama_q_and_k_rows_are_permuted_for_llama_cpp_and_qwen2_are_not(tiny_bp
 
 def test_gguf_only_keeps_just_the_file_and_the_report(tiny_bpe_run, tmp_path):
     output = tmp_path / "merged"
-    result = merge.run_merge(tiny_bpe_run, output, dtype="bf16", formats="gguf", gguf_type="bf16", show_progress=False)
+    result = fold.run_merge(tiny_bpe_run, output, dtype="bf16", formats="gguf", gguf_type="bf16", show_progress=False)
     assert result.failures == [] and result.report["formats"] == ["gguf"]
     assert sorted(path.name for path in output.iterdir()) == ["merge_report.json", "model-bf16.gguf"]
     report = json.loads((output / "merge_report.json").read_text())
@@ -223,17 +229,17 @@ def test_a_wrong_tensor_layout_fails_the_verification(tiny_bpe_run, tmp_path, mo
     from qlora_cli.cli import app
 
     # Swap the attention output and value projections: every tensor still has a valid name and shape.
-    original = gguf_export.plan_tensors
+    original = gguf_writer.plan_tensors
 
     def swapped(state_dict, config, arch, gguf_type):
         plans = original(state_dict, config, arch, gguf_type)
         rename = {"attn_output": "attn_q", "attn_q": "attn_output"}
         return [
-            gguf_export.TensorPlan(".".join(rename.get(part, part) for part in plan.name.split(".")), plan.source, plan.shape, plan.qtype)
+            gguf_writer.TensorPlan(".".join(rename.get(part, part) for part in plan.name.split(".")), plan.source, plan.shape, plan.qtype)
             for plan in plans
         ]
 
-    monkeypatch.setattr(gguf_export, "plan_tensors", swapped)
+    monkeypatch.setattr(gguf_writer, "plan_tensors", swapped)
     failed = CliRunner().invoke(app, ["merge", str(tiny_bpe_run), "--output", str(tmp_path / "out"), "--dtype", "fp32", "--format", "gguf"])
     assert failed.exit_code == 6 and "GGUF top-1 agreement" in failed.output, failed.output
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
@@ -247,11 +253,11 @@ def test_refuses_other_architectures_and_bad_options_before_writing(tiny_bpe_run
     GPT2Config(n_layer=1, n_embd=16, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(gpt2)
     output = tmp_path / "out"
     with pytest.raises(ModelError, match=r"supports Llama-family .* this model is 'gpt2' \(GPT2LMHeadModel\)"):
-        merge.run_merge(tiny_bpe_run, output, formats="gguf", overrides=[f"model.path={gpt2}"], show_progress=False)
+        fold.run_merge(tiny_bpe_run, output, formats="gguf", overrides=[f"model.path={gpt2}"], show_progress=False)
     with pytest.raises(ConfigError, match="--gguf-type 'q4_0'"):
-        merge.run_merge(tiny_bpe_run, output, formats="gguf", gguf_type="q4_0", show_progress=False)
+        fold.run_merge(tiny_bpe_run, output, formats="gguf", gguf_type="q4_0", show_progress=False)
     with pytest.raises(ConfigError, match="--format 'onnx'"):
-        merge.run_merge(tiny_bpe_run, output, formats="onnx", show_progress=False)
+        fold.run_merge(tiny_bpe_run, output, formats="onnx", show_progress=False)
     assert not output.exists() and list(tmp_path.glob(".out.*")) == []
 
 
@@ -265,7 +271,7 @@ def test_rope_permutation_is_undone_by_transformers_loader():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
     weight = np.arange(8 * 4 * 3, dtype=np.float32).reshape(8 * 4, 3)  # 4 heads of dimension 8
-    permuted = gguf_export.permute_for_rope(weight, 4)
+    permuted = gguf_writer.permute_for_rope(weight, 4)
     assert not np.array_equal(permuted, weight)
     undone = LlamaTensorProcessor({"num_attention_heads": 4, "num_key_value_heads": 4})._reverse_permute_weights(permuted, 4, 4)
     np.testing.assert_array_equal(undone, weight)

@@ -6,11 +6,15 @@ import json
 import pytest
 import torch
 
-from qlora_cli.collate import PackingCollator, PaddingCollator
-from qlora_cli.config import validate_recipe
+from qlora_cli.data.collate import PackingCollator, PaddingCollator
 from qlora_cli.errors import ConfigError
-from qlora_cli.kernels import fused_causal_lm_loss, linear_cross_entropy_sum, select_loss_kernel
-from qlora_cli.train import run_training
+from qlora_cli.model.kernels import (
+    fused_causal_lm_loss,
+    linear_cross_entropy_sum,
+    select_loss_kernel,
+)
+from qlora_cli.recipe.loader import validate_recipe
+from qlora_cli.train.run import run_training
 from tests.conftest import build_tiny_llama
 from tests.unit.test_collate import PAD, ROWS
 
@@ -99,7 +103,7 @@ def test_training_curve_is_the_same_with_chunked_and_standard_loss(recipe_dict, 
 
 
 def test_torch_compile_is_opt_in(recipe_dict):
-    from qlora_cli.train import build_training_args
+    from qlora_cli.train.arguments import build_training_args
 
     data = json.loads(json.dumps(recipe_dict))
     assert build_training_args(validate_recipe(data), torch.float32, has_eval=False).torch_compile is False

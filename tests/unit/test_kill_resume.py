@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora_cli.checkpointing import STAGING_PREFIX, checkpoint_problem
+from qlora_cli.rundir import STAGING_PREFIX
+from qlora_cli.train.checkpointing import checkpoint_problem
 from tests.conftest import write_jsonl
 
 # Each of the three kills below lands within a few steps of its process's first logged step, so
@@ -43,7 +44,7 @@ def run_cli(args: list[str], log_path: str) -> None:
 @pytest.fixture(scope="module")
 def forkserver():
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["qlora_cli.cli", "qlora_cli.train", "tests.unit.test_kill_resume"])
+    context.set_forkserver_preload(["qlora_cli.cli", "qlora_cli.train.run", "tests.unit.test_kill_resume"])
     return context
 
 

@@ -6,9 +6,9 @@ import json
 import pytest
 from transformers import TrainerCallback
 
-from qlora_cli.config import validate_recipe
-from qlora_cli.layer_lr import depth_of, layer_scale
-from qlora_cli.train import run_training
+from qlora_cli.recipe.loader import validate_recipe
+from qlora_cli.train.layer_lr import depth_of, layer_scale
+from qlora_cli.train.run import run_training
 
 
 class GrabOptimizer(TrainerCallback):

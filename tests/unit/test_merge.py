@@ -10,10 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qlora_cli import drift, merge, modeling
-from qlora_cli.config import load_recipe
 from qlora_cli.errors import ConfigError, ModelError, ResourceError
-from qlora_cli.inference import load_model_as_trained
+from qlora_cli.evaluate import drift
+from qlora_cli.evaluate.inference import load_model_as_trained
+from qlora_cli.merge import fold, preflight
+from qlora_cli.model import loading
+from qlora_cli.recipe.loader import load_recipe
 from tests.unit.tiny_run import make_run
 
 IDS = torch.tensor([[3, 4, 30, 31, 5, 2, 3, 5, 60, 61, 62]])
@@ -32,7 +34,7 @@ def unmerged_16bit(run):
     """The original 16-bit base + adapter, unmerged (what `--base original` should equal)."""
     from peft import PeftModel
 
-    base = modeling.load_base_model(load_recipe(run), bits=16)
+    base = loading.load_base_model(load_recipe(run), bits=16)
     return PeftModel.from_pretrained(base, str(run)).eval()
 
 
@@ -40,11 +42,11 @@ def unmerged_16bit(run):
 def test_16bit_merge_round_trip(tmp_path, tiny_model_dir, use_dora):
     run = make_run(tmp_path / "run", tiny_model_dir, bits=16, use_dora=use_dora)
     output = tmp_path / "merged"
-    result = merge.run_merge(run, output, dtype="fp32", show_progress=False)
+    result = fold.run_merge(run, output, dtype="fp32", show_progress=False)
     assert result.failures == [] and result.report["update_rounding"] == (None if use_dora else 0.0)
     merged = AutoModelForCausalLM.from_pretrained(output).eval()
     reference = load_model_as_trained(load_recipe(run), run)
-    base = modeling.load_base_model(load_recipe(run)).eval()
+    base = loading.load_base_model(load_recipe(run)).eval()
     assert (logits(reference) - logits(base)).abs().max() > 0.1  # the adapter matters...
     torch.testing.assert_close(logits(merged), logits(reference), atol=1e-4, rtol=0)  # ...and is folded in
     config = json.loads((output / "config.json").read_text())
@@ -59,7 +61,7 @@ def test_16bit_merge_round_trip(tmp_path, tiny_model_dir, use_dora):
 def test_4bit_merge_into_dequantized_weights_matches_the_model_as_trained(tmp_path, tiny_model_dir):
     run = make_run(tmp_path / "run", tiny_model_dir, bits=4)
     output = tmp_path / "merged"
-    result = merge.run_merge(run, output, base_mode="dequantized", dtype="fp32", show_progress=False)
+    result = fold.run_merge(run, output, base_mode="dequantized", dtype="fp32", show_progress=False)
     merged = AutoModelForCausalLM.from_pretrained(output).eval()
     as_trained = load_model_as_trained(load_recipe(run), run)
     torch.testing.assert_close(logits(merged), logits(as_trained), atol=1e-4, rtol=0)
@@ -73,7 +75,7 @@ def test_4bit_merge_into_dequantized_weights_matches_the_model_as_trained(tmp_pa
 def test_4bit_merge_into_original_weights_matches_16bit_base_plus_adapter(tmp_path, tiny_model_dir):
     run = make_run(tmp_path / "run", tiny_model_dir, bits=4)
     output = tmp_path / "merged"
-    result = merge.run_merge(run, output, base_mode="original", dtype="fp32", show_progress=False)
+    result = fold.run_merge(run, output, base_mode="original", dtype="fp32", show_progress=False)
     merged = AutoModelForCausalLM.from_pretrained(output).eval()
     torch.testing.assert_close(logits(merged), logits(unmerged_16bit(run)), atol=1e-4, rtol=0)
     check = result.report["verification"]
@@ -86,7 +88,7 @@ def test_4bit_merge_into_original_weights_matches_16bit_base_plus_adapter(tmp_pa
 def test_bf16_output_is_written_in_bf16_and_shards(tmp_path, tiny_model_dir):
     run = make_run(tmp_path / "run", tiny_model_dir, bits=16)
     output = tmp_path / "merged"
-    result = merge.run_merge(run, output, dtype="bf16", max_shard_size="100KB", verify=False, show_progress=False)
+    result = fold.run_merge(run, output, dtype="bf16", max_shard_size="100KB", verify=False, show_progress=False)
     assert 0 < result.report["update_rounding"] < 0.05  # the random test adapter is large next to bf16 spacing
     assert json.loads((output / "config.json").read_text())["dtype"] == "bfloat16"
     assert len(list(output.glob("*.safetensors"))) > 1 and (output / "model.safetensors.index.json").is_file()
@@ -97,15 +99,15 @@ def test_bf16_output_is_written_in_bf16_and_shards(tmp_path, tiny_model_dir):
 def test_drift_beyond_the_thresholds_fails_but_keeps_the_report(tmp_path, tiny_model_dir, monkeypatch):
     run = make_run(tmp_path / "run", tiny_model_dir, bits=16)
     monkeypatch.setitem(drift.THRESHOLDS, "bf16", {"min_top1_agreement": 1.01, "max_mean_kl": -1.0})
-    result = merge.run_merge(run, tmp_path / "merged", dtype="bf16", show_progress=False)
+    result = fold.run_merge(run, tmp_path / "merged", dtype="bf16", show_progress=False)
     assert len(result.failures) == 3 and "top-1 agreement" in result.failures[0]
     assert json.loads((tmp_path / "merged" / "merge_report.json").read_text())["verification"]["failures"] == result.failures
 
 
 def test_a_merge_that_lost_the_adapter_fails_verification(tmp_path, tiny_model_dir, monkeypatch):
     run = make_run(tmp_path / "run", tiny_model_dir, bits=16)
-    monkeypatch.setattr(merge, "merged_model", lambda recipe, *args: (modeling.load_base_model(recipe, bits=16), None))
-    result = merge.run_merge(run, tmp_path / "merged", dtype="fp32", show_progress=False)
+    monkeypatch.setattr(fold, "merged_model", lambda recipe, *args: (loading.load_base_model(recipe, bits=16), None))
+    result = fold.run_merge(run, tmp_path / "merged", dtype="fp32", show_progress=False)
     assert result.failures and not result.report["verification"]["passed"]
 
 
@@ -137,7 +139,7 @@ def run16(tmp_path, tiny_model_dir):
 
 def refuse(run, output, error, match, **kwargs):
     with pytest.raises(error, match=match):
-        merge.run_merge(run, output, show_progress=False, **kwargs)
+        fold.run_merge(run, output, show_progress=False, **kwargs)
     assert leftovers(output) == []
 
 
@@ -149,13 +151,13 @@ def test_refuses_a_non_empty_output_without_force(run16, tmp_path, monkeypatch):
     refuse(run16, output, ResourceError, "replaces an earlier qlora merge output", force=True)  # not a merge: nothing deleted
     assert (output / "keep.txt").read_text() == "mine"
     (output / "keep.txt").unlink()
-    merge.run_merge(run16, output, verify=False, show_progress=False)
+    fold.run_merge(run16, output, verify=False, show_progress=False)
     (output / "stale.txt").write_text("from the earlier merge's folder")
-    merge.run_merge(run16, output, force=True, verify=False, show_progress=False)
-    assert not (output / "stale.txt").exists() and (output / "model.safetensors").is_file() and (output / merge.REPORT_NAME).is_file()
+    fold.run_merge(run16, output, force=True, verify=False, show_progress=False)
+    assert not (output / "stale.txt").exists() and (output / "model.safetensors").is_file() and (output / preflight.REPORT_NAME).is_file()
     monkeypatch.chdir(output)
     refuse(run16, output, ResourceError, "holds the current directory", force=True)
-    assert (output / merge.REPORT_NAME).is_file()
+    assert (output / preflight.REPORT_NAME).is_file()
 
 
 def test_refuses_to_write_over_the_run_or_the_base(run16, tiny_model_dir, tmp_path):
@@ -189,7 +191,7 @@ def test_refuses_a_tokenizer_larger_than_the_embedding(run16, tmp_path):
 
 
 def test_a_tokenizer_smaller_than_the_embedding_is_fine(tmp_path, tiny_tokenizer):
-    merge.check_vocabulary(tiny_tokenizer, len(tiny_tokenizer) + 57, "a padded vocabulary")
+    preflight.check_vocabulary(tiny_tokenizer, len(tiny_tokenizer) + 57, "a padded vocabulary")
 
 
 def test_refuses_when_the_disk_is_too_small(run16, tmp_path, monkeypatch):
@@ -210,8 +212,8 @@ def test_a_crash_while_writing_leaves_no_half_checkpoint(run16, tmp_path, monkey
         (folder / "model-00001-of-00002.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(merge, "write_checkpoint", crash)
+    monkeypatch.setattr(fold, "write_checkpoint", crash)
     output = tmp_path / "merged"
     with pytest.raises(KeyboardInterrupt):
-        merge.run_merge(run16, output, show_progress=False)
+        fold.run_merge(run16, output, show_progress=False)
     assert not output.exists() and leftovers(output) == []

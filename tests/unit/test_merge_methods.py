@@ -4,10 +4,10 @@ unmerged model); prompt-based and bottleneck adapters are refused in one line sa
 import pytest
 import torch
 
-from qlora_cli import adapters, merge, modeling
-from qlora_cli.config import recipe_to_yaml, validate_recipe
 from qlora_cli.errors import ModelError
-
+from qlora_cli.merge import fold
+from qlora_cli.model import adapters, loading
+from qlora_cli.recipe.loader import recipe_to_yaml, validate_recipe
 from tests.conftest import write_jsonl
 from tests.unit.tiny_run import chat_rows
 
@@ -23,19 +23,20 @@ def method_run(folder, model_dir, method):
     })
     (folder / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     torch.manual_seed(0)
-    model = adapters.attach(modeling.prepare_for_training(modeling.load_base_model(recipe), False), recipe)
+    adapter = adapters.attach(loading.prepare_for_training(loading.load_base_model(recipe), False), recipe)
+    model = adapter.model
     with torch.no_grad():
         for param in model.parameters():
             if param.requires_grad:
                 param.add_(0.3 * torch.randn_like(param))
-    adapters.save(model, folder)
-    modeling.load_tokenizer(recipe.model).save_pretrained(folder)
+    adapter.save(folder)
+    loading.load_tokenizer(recipe.model).save_pretrained(folder)
     return folder
 
 
 def test_ia3_merges_and_matches_the_adapter(tmp_path, tiny_model_dir):
     run = method_run(tmp_path / "run", tiny_model_dir, "ia3")
-    result = merge.run_merge(run, tmp_path / "merged", dtype="fp32", show_progress=False)
+    result = fold.run_merge(run, tmp_path / "merged", dtype="fp32", show_progress=False)
     check = result.report["verification"]["merge_exactness"]
     assert result.failures == [] and check["top1_agreement"] == 1.0 and check["mean_kl"] < 1e-6
 
@@ -48,5 +49,5 @@ def test_ia3_merges_and_matches_the_adapter(tmp_path, tiny_model_dir):
 def test_methods_without_a_weight_change_are_refused(tmp_path, tiny_model_dir, method, reason):
     run = method_run(tmp_path / "run", tiny_model_dir, method)
     with pytest.raises(ModelError, match=reason) as caught:
-        merge.run_merge(run, tmp_path / "merged", show_progress=False)
+        fold.run_merge(run, tmp_path / "merged", show_progress=False)
     assert "\n" not in str(caught.value) and not (tmp_path / "merged").exists()

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from qlora_cli import plots
 from qlora_cli.cli import app
-from qlora_cli.config import validate_recipe
+from qlora_cli.recipe.loader import validate_recipe
 from qlora_cli.report import differences, load_runs
-from qlora_cli.train import run_training
+from qlora_cli.train.run import run_training
 
 runner = CliRunner()
 

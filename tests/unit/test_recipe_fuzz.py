@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from qlora_cli.cli import app
-from qlora_cli.config import valid_keys
+from qlora_cli.recipe.loader import valid_keys
 from tests.conftest import write_jsonl
 
 runner = CliRunner()

@@ -13,12 +13,14 @@ import yaml
 from transformers import TrainerCallback
 from typer.testing import CliRunner
 
-from qlora_cli import storage
-from qlora_cli.checkpointing import checkpoint_problem, checkpoints
 from qlora_cli.cli import app
-from qlora_cli.config import validate_recipe
 from qlora_cli.errors import TrainingError
-from qlora_cli.train import QloraTrainer, run_training
+from qlora_cli.model import loading
+from qlora_cli.recipe.loader import validate_recipe
+from qlora_cli.train import storage
+from qlora_cli.train.checkpointing import checkpoint_problem, checkpoints
+from qlora_cli.train.run import run_training
+from qlora_cli.train.trainer import QloraTrainer
 from tests.conftest import write_jsonl
 
 runner = CliRunner()
@@ -248,10 +250,9 @@ def test_only_safetensors_weights_and_no_remote_code(recipe_dict, tmp_path, monk
 
     calls.clear()
     trusting = validate_recipe({**recipe_dict, "model": {**recipe_dict["model"], "trust_remote_code": True}})
-    from qlora_cli import modeling
 
-    modeling.load_tokenizer(trusting.model)
-    modeling.load_base_model(trusting)
+    loading.load_tokenizer(trusting.model)
+    loading.load_base_model(trusting)
     assert calls == [("AutoTokenizer", True), ("AutoModelForCausalLM", True)]
 
 

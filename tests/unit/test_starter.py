@@ -9,8 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from qlora_cli.cli import app
-from qlora_cli.config import Recipe, load_recipe, valid_keys
 from qlora_cli.estimate import catalog
+from qlora_cli.recipe.loader import load_recipe, valid_keys
+from qlora_cli.recipe.schema import Recipe
 
 runner = CliRunner()
 
@@ -84,7 +85,7 @@ def test_every_field_is_written_under_its_schema_description(tmp_path):
         assert field.description and " ".join(comment).startswith(field.description.split(";")[0][:40]), key
     recipe = load_recipe(path)
     # Every key, but the sections only other adapter methods read (as recipe_to_yaml writes it).
-    from qlora_cli.adapter_config import method_sections_to_drop
+    from qlora_cli.recipe.adapter_section import method_sections_to_drop
 
     top, unused = method_sections_to_drop(recipe)
     dropped = tuple(top) + tuple(f"adapter.{name}" for name in unused)

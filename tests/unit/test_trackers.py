@@ -9,9 +9,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from qlora_cli import trackers
 from qlora_cli.cli import app
 from qlora_cli.errors import ConfigError
+from qlora_cli.train import trackers
 
 
 @pytest.fixture
@@ -57,8 +57,8 @@ def test_tensorboard_missing_is_a_config_error(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(not trackers._installed("wandb"), reason="wandb is optional (pip install wandb)")
 def test_wandb_offline_run_is_written_into_the_run_directory(recipe_dict, fresh_environment):
-    from qlora_cli.config import validate_recipe
-    from qlora_cli.train import run_training
+    from qlora_cli.recipe.loader import validate_recipe
+    from qlora_cli.train.run import run_training
 
     recipe_dict["train"]["report_to"] = ["wandb"]
     fresh_environment.setenv("WANDB_SILENT", "true")

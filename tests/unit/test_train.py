@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from qlora_cli import modeling
-from qlora_cli.config import validate_recipe
 from qlora_cli.errors import ConfigError, ResourceError
-from qlora_cli.checkpointing import checkpoints
-from qlora_cli.train import run_training
+from qlora_cli.model import loading, quantized
+from qlora_cli.recipe.loader import validate_recipe
+from qlora_cli.train.checkpointing import checkpoints
+from qlora_cli.train.run import run_training
 
 
 def recipe_from(recipe_dict, **sections):
@@ -85,16 +85,16 @@ def test_unpack_restores_weights_repacked_by_cpu_inference(tiny_model_dir, recip
     import bitsandbytes.functional as F
 
     recipe = recipe_from(recipe_dict, quantization={"bits": 4})
-    model = modeling.load_base_model(recipe)
+    model = loading.load_base_model(recipe)
     layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
     originals = [layer.weight.data.clone() for layer in layers]
     for layer in layers:  # what bitsandbytes does in an eval forward on AVX512-BF16 CPUs
         layer.weight.data, layer.weight.quant_state = F._convert_weight_packed_for_cpu(layer.weight.data, layer.weight.quant_state)
-    assert modeling.unpack_cpu_4bit_weights(model) == len(layers) > 0
+    assert quantized.unpack_cpu_4bit_weights(model) == len(layers) > 0
     for layer, original in zip(layers, originals):
         assert not layer.weight.quant_state.packing_format_for_cpu
         assert torch.equal(layer.weight.data.view(-1), original.view(-1))
-    assert modeling.unpack_cpu_4bit_weights(model) == 0
+    assert quantized.unpack_cpu_4bit_weights(model) == 0
 
 
 def test_non_empty_output_dir_is_refused_and_nothing_is_touched(recipe_dict, tmp_path):
@@ -213,7 +213,7 @@ def test_resume_refuses_a_recipe_change_the_checkpoint_contradicts(recipe_dict, 
 
 
 def test_a_moved_run_directory_resumes_where_it_is_now(recipe_dict, tmp_path):
-    from qlora_cli.config import load_recipe
+    from qlora_cli.recipe.loader import load_recipe
 
     first = run_training(recipe_from(recipe_dict), show_progress=False)
     moved = tmp_path / "moved"
@@ -231,7 +231,7 @@ def test_a_folder_that_only_holds_a_recipe_keeps_the_recipes_output_dir(recipe_d
     project its output.dir, which --force would clear."""
     import yaml
 
-    from qlora_cli.config import load_recipe
+    from qlora_cli.recipe.loader import load_recipe
 
     project = tmp_path / "project"
     project.mkdir()

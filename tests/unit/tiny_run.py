@@ -1,4 +1,5 @@
 """A finished run directory on the tiny Llama of tests/conftest.py, without training: the
+from qlora_cli.model import loading
 recipe, a LoRA adapter with random (non-zero) A and B so merging changes the outputs, the
 tokenizer, and eval data. Shared by the evaluate and merge tests.
 """
@@ -36,8 +37,8 @@ def make_run(
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from qlora_cli import modeling
-    from qlora_cli.config import recipe_to_yaml, validate_recipe
+    from qlora_cli.model import loading
+    from qlora_cli.recipe.loader import recipe_to_yaml, validate_recipe
 
     folder.mkdir(parents=True, exist_ok=True)
     train_file = write_jsonl(folder.parent / f"{folder.name}-train.jsonl", chat_rows())
@@ -52,7 +53,7 @@ def make_run(
     })
     (folder / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     torch.manual_seed(seed)
-    base = modeling.load_base_model(recipe)
+    base = loading.load_base_model(recipe)
     config = LoraConfig(
         r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=use_dora,
         init_lora_weights=False,  # random B: the adapter changes outputs, so a merge that drops it shows
@@ -60,5 +61,5 @@ def make_run(
     )
     model = get_peft_model(base, config)
     model.save_pretrained(folder)
-    modeling.load_tokenizer(recipe.model).save_pretrained(folder)
+    loading.load_tokenizer(recipe.model).save_pretrained(folder)
     return folder

@@ -1,0 +1,115 @@
+"""Train and held-out rows as the recipe describes them (one rule for both, used by training,
+evaluation and merge checks), tokenized with their statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qlora_cli.data.formats import IGNORE_INDEX, format_row
+from qlora_cli.data.sources import check_fields, load_rows
+from qlora_cli.errors import DataError
+from qlora_cli.recipe.schema import DataSection
+
+
+@dataclass
+class TokenStats:
+    rows: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_long: int = 0
+    dropped_unscored: int = 0
+    tokens: int = 0
+    scored_tokens: int = 0
+    lengths: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        lengths = sorted(self.lengths) or [0]
+        return {
+            "rows": self.rows,
+            "kept": self.kept,
+            "truncated": self.truncated,
+            "dropped_too_long": self.dropped_long,
+            "dropped_no_scored_tokens": self.dropped_unscored,
+            "tokens": self.tokens,
+            "scored_tokens": self.scored_tokens,
+            "min_len": lengths[0],
+            "mean_len": round(sum(lengths) / len(lengths), 1),
+            "max_len": lengths[-1],
+        }
+
+
+def tokenize_rows(dataset, data: DataSection, tokenizer, key: str = "data.train"):
+    """Tokenize every row with its labels; returns (datasets.Dataset, TokenStats).
+
+    Rows longer than max_seq_len are truncated or dropped (data.overlong); rows left with
+    no scored token are dropped. A dataset with nothing left to score is a DataError.
+    """
+    import datasets
+
+    check_fields(dataset, data, key)
+    stats = TokenStats(rows=len(dataset))
+    out = {"input_ids": [], "labels": [], "length": []}
+    for index, row in enumerate(dataset):
+        try:
+            ids, labels = format_row(row, data, tokenizer, index)
+        except DataError as exc:
+            message = str(exc)
+            raise DataError(message if message.startswith("row ") and key in message else f"{key}: {message}") from None
+        if len(ids) > data.max_seq_len:
+            if data.overlong == "drop":
+                stats.dropped_long += 1
+                continue
+            ids, labels = ids[: data.max_seq_len], labels[: data.max_seq_len]
+            stats.truncated += 1
+        scored = sum(1 for label in labels[1:] if label != IGNORE_INDEX)  # the first token is never predicted
+        if scored == 0:
+            stats.dropped_unscored += 1
+            continue
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["length"].append(len(ids))
+        stats.tokens += len(ids)
+        stats.scored_tokens += scored
+        stats.lengths.append(len(ids))
+    stats.kept = len(out["input_ids"])
+    if stats.kept == 0:
+        if stats.dropped_unscored:
+            raise DataError(
+                f"{key}: every row has all its labels masked (nothing to learn); check the chat template / columns, "
+                "raise data.max_seq_len, or set data.train_on_prompt: true"
+            )
+        raise DataError(f"{key}: every row is longer than data.max_seq_len={data.max_seq_len}; raise it or use overlong: truncate")
+    return datasets.Dataset.from_dict(out), stats
+
+
+def load_splits(data: DataSection, tokenizer, seed: int):
+    """Tokenized (train, eval or None) datasets and their stats, as the recipe describes."""
+    train_rows = load_rows(data.train, data.split, "data.train")
+    if data.max_rows:
+        train_rows = train_rows.select(range(min(data.max_rows, len(train_rows))))
+    eval_rows = None
+    if data.eval:
+        eval_rows = load_rows(data.eval, data.split, "data.eval")
+    elif data.eval_split > 0:
+        if len(train_rows) < 2:
+            raise DataError("data.eval_split needs at least 2 training rows")
+        parts = train_rows.train_test_split(test_size=data.eval_split, seed=seed)
+        train_rows, eval_rows = parts["train"], parts["test"]
+    train, train_stats = tokenize_rows(train_rows, data, tokenizer, "data.train")
+    evaluation, eval_stats = (None, None)
+    if eval_rows is not None:
+        evaluation, eval_stats = tokenize_rows(eval_rows, data, tokenizer, "data.eval")
+    return train, evaluation, train_stats, eval_stats
+
+
+def eval_rows_for_generation(data: DataSection, seed: int):
+    """The raw held-out rows (not tokenized) that evaluation and merge checks decode from."""
+    if data.eval:
+        return load_rows(data.eval, data.split, "data.eval")
+    rows = load_rows(data.train, data.split, "data.train")
+    if data.max_rows:
+        rows = rows.select(range(min(data.max_rows, len(rows))))
+    if data.eval_split > 0:
+        return rows.train_test_split(test_size=data.eval_split, seed=seed)["test"]
+    return rows

@@ -1,0 +1,1 @@
+"""Evaluation: scores, batched inference, multi-adapter generation, and model-vs-model drift."""

@@ -1,0 +1,1 @@
+"""Merging an adapter into its base: preflight checks and the verified fold."""

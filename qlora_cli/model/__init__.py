@@ -1,0 +1,1 @@
+"""The model: base and quantization, adapters (one entry per method), loss kernels, 4-bit layers."""

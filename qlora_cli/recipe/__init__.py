@@ -1,0 +1,1 @@
+"""The recipe: its schema, its one reader, and its commented rendering."""

@@ -1,0 +1,200 @@
+"""The recipe's schema: strict, frozen pydantic sections whose field descriptions are the
+documentation (`qlora schema`, docs/recipe.schema.json and `qlora init`'s comments come from them).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from qlora_cli.recipe.adapter_section import AdapterSection, cross_check, prepare_raw
+
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    path: str = Field(description="Local model folder or Hugging Face hub id of the base model.")
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    dtype: DType = Field(
+        "auto",
+        description="Dtype of the weights that stay unquantized and of compute; auto = bf16 where "
+        "the device multiplies bf16 fast, else fp16 on GPU / fp32 on CPU.",
+    )
+    trust_remote_code: bool = Field(False, description="Run modelling code shipped with the model (off unless you trust it).")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; auto = flash_attention_2 if installed on GPU, else sdpa."
+    )
+
+
+class QuantizationSection(_Section):
+    bits: Literal[4, 8, 16] = Field(4, description="4 = QLoRA (bitsandbytes 4-bit base), 8 = LLM.int8 base, 16 = plain LoRA on a 16-bit base.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: NormalFloat4 (QLoRA's) or FP4.")
+    double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (saves ~0.37 bit/param).")
+    compute_dtype: DType = Field("auto", description="Dtype the 4-bit weights are dequantized to for matmuls; auto follows model.dtype.")
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Storage dtype of packed 4-bit weights; auto = uint8, or the compute dtype under FSDP (which FSDP-QLoRA needs)."
+    )
+
+
+class LoraSection(_Section):
+    r: int = Field(16, gt=0, le=4096, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rslora).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input, in [0, 1).")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]) or all-linear (every linear layer but the output head)."
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    modules_to_save: Optional[list[str]] = Field(None, description="Extra modules trained in full and saved with the adapter (e.g. [lm_head]).")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling alpha / sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = Field(
+        "default",
+        description="Initialisation (peft's init_lora_weights): default = Kaiming-uniform A, zero B; gaussian; pissa / olora "
+        "(principal / orthonormal directions, saved converted to plain LoRA); loftq (4-bit nf4 base only).",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one module, or be all-linear")
+        return value
+
+
+class ColumnsSection(_Section):
+    text: str = Field("text", description="Column with the raw text (format: text).")
+    instruction: str = Field("instruction", description="Instruction column (format: alpaca).")
+    input: str = Field("input", description="Optional input/context column (format: alpaca).")
+    output: str = Field("output", description="Response column (format: alpaca).")
+    messages: str = Field("messages", description="Column with a list of {role, content} messages (format: chat).")
+    prompt: str = Field("prompt", description="Prompt column (format: prompt_completion).")
+    completion: str = Field("completion", description="Completion column (format: prompt_completion).")
+
+
+class DataSection(_Section):
+    train: Union[str, list[str]] = Field(
+        description="Training data: jsonl/json/csv/parquet file(s), a saved HF dataset folder, or a hub dataset id."
+    )
+    format: Literal["text", "alpaca", "chat", "prompt_completion"] = Field(description="How rows turn into text and which tokens are scored.")
+    columns: ColumnsSection = Field(default_factory=ColumnsSection, description="Column names, when they differ from the defaults.")
+    split: str = Field("train", description="Split to read from a hub id or saved DatasetDict.")
+    eval: Optional[Union[str, list[str]]] = Field(None, description="Evaluation data, same kinds as train. Overrides eval_split.")
+    eval_split: float = Field(0.0, ge=0, lt=1, description="Fraction of train rows held out for evaluation when no eval data is given.")
+    max_seq_len: int = Field(1024, gt=0, description="Rows are cut to this many tokens (see overlong).")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="What to do with rows longer than max_seq_len.")
+    train_on_prompt: bool = Field(False, description="Score prompt tokens too; by default the loss covers responses only.")
+    packing: bool = Field(
+        True,
+        description="Padding-free batches: rows are concatenated with per-row position ids so no token is padding "
+        "and attention never crosses rows. Off: rows are padded, batches grouped by length.",
+    )
+    max_rows: Optional[int] = Field(None, gt=0, description="Use only the first N training rows (for quick trials).")
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _names_a_source(cls, value):
+        if isinstance(value, list) and not value or isinstance(value, str) and not value.strip():
+            raise ValueError("must name at least one file, dataset folder or hub id")
+        if isinstance(value, list) and any(not item.strip() for item in value):
+            raise ValueError("has an empty entry; give file, dataset folder or hub id names")
+        return value
+
+
+class TrainSection(_Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: Optional[int] = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt"] = Field(
+        "cosine", description="Learning-rate schedule after warm-up."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up (used when warmup_steps is not set).")
+    warmup_steps: Optional[int] = Field(None, ge=0, description="Warm-up steps; overrides warmup_ratio.")
+    micro_batch_size: int = Field(1, gt=0, description="Rows per forward pass (per device).")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward (non-reentrant): less memory, ~30% more compute.")
+    optimizer: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw_torch"] = Field(
+        "paged_adamw_8bit", description="Optimizer; paged ones spill state to CPU on memory spikes (CUDA only; CPU falls back to the unpaged one)."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
+    seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
+    logging_steps: int = Field(10, gt=0, description="Log loss / lr / throughput every N steps.")
+    eval_steps: Optional[int] = Field(None, gt=0, description="Evaluate every N steps (needs eval data); default: at the end only.")
+    save_steps: int = Field(100, gt=0, description="Write a checkpoint every N steps.")
+    report_to: list[Literal["none", "tensorboard", "wandb"]] = Field(["none"], description="Experiment trackers fed by the Trainer.")
+    compile: bool = Field(
+        False,
+        description="torch.compile the model (GPU, long runs): compilation costs minutes up front; off by default (on this project's 2-core CPU one step did not finish compiling in 20 min).",
+    )
+    loss_kernel: Literal["auto", "chunked", "liger", "standard"] = Field(
+        "auto",
+        description="Cross-entropy over the vocabulary: chunked (never builds fp32 logits for all tokens), liger (fused, CUDA), standard (full logits); auto picks the best the model allows.",
+    )
+
+    @model_validator(mode="after")
+    def _none_alone(self):
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ValueError("report_to: 'none' cannot be combined with other trackers")
+        return self
+
+
+class OutputSection(_Section):
+    dir: str = Field(description="Run directory: adapter, tokenizer, resolved recipe, metrics and checkpoints go here.")
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints to keep (oldest are deleted).")
+
+
+class DistributedSection(_Section):
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = Field(
+        "auto",
+        description="Under torchrun / accelerate launch / --nproc: ddp (each rank holds the whole model), fsdp (sharded), deepspeed (needs deepspeed_config); auto = ddp.",
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="Process-group backend; auto = nccl on GPUs, gloo on CPUs.")
+    deepspeed_config: Optional[str] = Field(None, description="DeepSpeed JSON config (ZeRO-2/3) for strategy deepspeed.")
+    fsdp_cpu_offload: bool = Field(False, description="FSDP: keep sharded parameters in CPU memory between uses (slower, less GPU memory).")
+
+    @model_validator(mode="after")
+    def _deepspeed_needs_config(self):
+        if self.strategy == "deepspeed" and not self.deepspeed_config:
+            raise ValueError("strategy deepspeed needs deepspeed_config: the path of a DeepSpeed JSON config")
+        if self.deepspeed_config and self.strategy != "deepspeed":
+            raise ValueError("deepspeed_config is only used with strategy: deepspeed")
+        if self.fsdp_cpu_offload and self.strategy != "fsdp":
+            raise ValueError("fsdp_cpu_offload is only used with strategy: fsdp")
+        return self
+
+
+class Recipe(_Section):
+    model: ModelSection = Field(description="The base model.")
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection, description="How the frozen base is stored.")
+    adapter: AdapterSection = Field(default_factory=AdapterSection, description="The PEFT method and selective training.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="The LoRA adapter (adapter.method: lora).")
+    data: DataSection = Field(description="Training and evaluation data.")
+    train: TrainSection = Field(default_factory=TrainSection, description="Optimisation settings.")
+    output: OutputSection = Field(description="Where results go.")
+    distributed: DistributedSection = Field(default_factory=DistributedSection, description="Multi-GPU / multi-node training (used only when launched with several processes).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prepare(cls, data):
+        return prepare_raw(data)
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if self.distributed.strategy == "fsdp" and self.quantization.bits == 8:
+            raise ValueError("FSDP cannot shard an 8-bit (LLM.int8) base; use quantization.bits 4 or 16, or distributed.strategy ddp")
+        if self.distributed.strategy == "fsdp" and self.quantization.bits == 4 and self.quantization.quant_storage == "uint8":
+            raise ValueError("FSDP-QLoRA needs the 4-bit weights stored in the compute dtype: set quantization.quant_storage to auto or bfloat16")
+        if self.lora.use_dora and self.quantization.bits == 8:
+            raise ValueError("lora.use_dora is not supported with an 8-bit base; use bits 4 or 16")
+        cross_check(self)
+        return self
+
+
+def recipe_schema() -> dict:
+    """JSON schema of the recipe, generated from the field descriptions."""
+    return Recipe.model_json_schema()

@@ -1,0 +1,1 @@
+"""Training: preflight, the Trainer and its callbacks, checkpoints, disk, distributed runs, trackers."""
