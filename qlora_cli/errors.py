@@ -1,7 +1,7 @@
 """The user-facing error hierarchy.
 
 Library code raises these with a message that says what went wrong and what to do;
-cli.py turns them into one line on stderr and a non-zero exit code (see EXIT_CODES).
+cli/console.py turns them into one line on stderr and a non-zero exit code (see EXIT_CODES).
 """
 
 from __future__ import annotations

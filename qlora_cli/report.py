@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import yaml
 
+from qlora_cli import plots
 from qlora_cli.errors import ConfigError
 from qlora_cli.recipe.loader import flatten
 
@@ -196,8 +197,6 @@ def to_json(runs: list[Run], plot: Optional[Path]) -> dict:
 
 
 def draw_report(runs: list[Run], output: Path) -> Path:
-    from qlora_cli import plots
-
     output = Path(output)
     if output.is_dir():
         raise ConfigError(f"--output {output} is a directory; give a file name such as report.png")

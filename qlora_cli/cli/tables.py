@@ -1,5 +1,5 @@
-"""How `qlora merge` prints its verification: the merged model against base + adapter (drift.py)
-and the GGUF file against the merged checkpoint (gguf_check.py)."""
+"""How `qlora merge` prints its verification: the merged model against base + adapter (evaluate/drift.py)
+and the GGUF file against the merged checkpoint (export/gguf_check.py)."""
 
 from __future__ import annotations
 

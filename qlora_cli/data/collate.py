@@ -7,7 +7,7 @@
   position ids into a block-diagonal causal mask (flash-attention varlen on GPU), so no
   token attends across rows and no compute is spent on padding. transformers honours
   this only when the forward runs without a KV cache (config.use_cache = False, as
-  modeling.prepare_for_training sets).
+  model/loading.prepare_for_training sets).
 Both report `real_tokens(batch)`: the tokens that are not padding.
 """
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Union
 
 from qlora_cli.errors import DataError
+from qlora_cli.recipe.paths import is_local_path
 from qlora_cli.recipe.schema import DataSection
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -17,17 +18,12 @@ def _as_list(spec: Union[str, list[str]]) -> list[str]:
     return [spec] if isinstance(spec, str) else list(spec)
 
 
-def _looks_like_hub_id(spec: str) -> bool:
-    parts = spec.split("/")
-    return len(parts) <= 2 and all(parts) and not spec.startswith((".", "/", "~")) and Path(spec).suffix not in _FILE_BUILDERS
-
-
 def check_sources(spec: Union[str, list[str]], key: str) -> None:
     """Fail fast on local data paths that do not exist (hub ids are checked when loaded)."""
     for source in _as_list(spec):
         if Path(source).expanduser().exists():
             continue
-        if not _looks_like_hub_id(source):
+        if is_local_path(source, tuple(_FILE_BUILDERS)):
             raise DataError(f"{key}: {source} not found; give a .jsonl/.json/.csv/.parquet file, a saved dataset folder, or a hub id")
         if Path(source).suffix:
             raise DataError(f"{key}: {source} not found")

@@ -83,19 +83,25 @@ def tokenize_rows(dataset, data: DataSection, tokenizer, key: str = "data.train"
     return datasets.Dataset.from_dict(out), stats
 
 
-def load_splits(data: DataSection, tokenizer, seed: int):
-    """Tokenized (train, eval or None) datasets and their stats, as the recipe describes."""
+def split_rows(data: DataSection, seed: int):
+    """The raw (train, held-out or None) rows as the recipe describes them: data.eval, or a seeded
+    eval_split of the (max_rows-cut) training rows. Training, evaluation and merge checks all use it."""
     train_rows = load_rows(data.train, data.split, "data.train")
     if data.max_rows:
         train_rows = train_rows.select(range(min(data.max_rows, len(train_rows))))
-    eval_rows = None
     if data.eval:
-        eval_rows = load_rows(data.eval, data.split, "data.eval")
-    elif data.eval_split > 0:
+        return train_rows, load_rows(data.eval, data.split, "data.eval")
+    if data.eval_split > 0:
         if len(train_rows) < 2:
             raise DataError("data.eval_split needs at least 2 training rows")
         parts = train_rows.train_test_split(test_size=data.eval_split, seed=seed)
-        train_rows, eval_rows = parts["train"], parts["test"]
+        return parts["train"], parts["test"]
+    return train_rows, None
+
+
+def load_splits(data: DataSection, tokenizer, seed: int):
+    """Tokenized (train, eval or None) datasets and their stats, as the recipe describes."""
+    train_rows, eval_rows = split_rows(data, seed)
     train, train_stats = tokenize_rows(train_rows, data, tokenizer, "data.train")
     evaluation, eval_stats = (None, None)
     if eval_rows is not None:
@@ -104,12 +110,9 @@ def load_splits(data: DataSection, tokenizer, seed: int):
 
 
 def eval_rows_for_generation(data: DataSection, seed: int):
-    """The raw held-out rows (not tokenized) that evaluation and merge checks decode from."""
+    """The raw held-out rows (not tokenized) that evaluation and merge checks decode from; the
+    training rows stand in when the recipe has no eval data."""
     if data.eval:
         return load_rows(data.eval, data.split, "data.eval")
-    rows = load_rows(data.train, data.split, "data.train")
-    if data.max_rows:
-        rows = rows.select(range(min(data.max_rows, len(rows))))
-    if data.eval_split > 0:
-        return rows.train_test_split(test_size=data.eval_split, seed=seed)["test"]
-    return rows
+    train_rows, eval_rows = split_rows(data, seed)
+    return train_rows if eval_rows is None else eval_rows

@@ -14,6 +14,7 @@ from typing import Optional
 
 from qlora_cli.errors import ConfigError
 from qlora_cli.estimate import catalog
+from qlora_cli.recipe.paths import is_local_path
 
 _LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mixtral", "phi3"}
 
@@ -196,10 +197,6 @@ def _fetch_hub_config(hub_id: str, timeout: float = 4.0) -> Optional[dict]:
     return config
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".json")
-
-
 def resolve(name: str) -> Architecture:
     """The architecture of a model folder, a config.json, a catalog name or a hub id."""
     path = Path(name).expanduser()
@@ -209,7 +206,7 @@ def resolve(name: str) -> Architecture:
         return from_config(_read_json(path / "config.json"), path.name, f"{path}/config.json")
     if path.is_file():
         return from_config(_read_json(path), path.parent.name or path.stem, str(path))
-    if _looks_like_path(name):
+    if is_local_path(name, (".json",)):
         hint = " (run `qlora demo-model` to create the demo model)" if "SmolLM2" in name else ""
         raise ConfigError(f"model {name} does not exist{hint}; give a model folder, a config.json, or a hub id like org/name")
     found = catalog.find_model(name)

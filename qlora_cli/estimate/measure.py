@@ -36,8 +36,8 @@ def measure_peak(recipe: Recipe, steps: int = 3) -> dict:
     from transformers import Trainer
 
     # The model, loss kernel and optimizer `qlora train` builds for this recipe, not a look-alike.
-    dtype = loading.compute_dtype(recipe)
     adapter, loss_kernel = build_model(recipe)
+    dtype = loading.compute_dtype(recipe)
     model = adapter.model
     model.train()
     args = build_training_args(recipe, dtype, has_eval=False, model=model)

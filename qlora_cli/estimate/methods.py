@@ -59,7 +59,7 @@ def prompt_tensors(arch: Architecture, plan: Plan) -> list[Trainable]:
 
 
 def bottleneck_tensors(arch: Architecture, plan: Plan) -> list[Trainable]:
-    """Our bottleneck adapter (qlora_cli/bottleneck.py): Linear(hidden, size) and Linear(size, hidden), with
+    """Our bottleneck adapter (qlora_cli/model/adapters/bottleneck.py): Linear(hidden, size) and Linear(size, hidden), with
     biases, per placement (attention, mlp) per adapted layer, in fp32."""
     h, size = arch.hidden_size, plan.bottleneck_size
     per_adapter = h * size + size + size * h + h
@@ -97,17 +97,21 @@ def unfrozen_tensors(arch: Architecture, plan: Plan) -> list[Trainable]:
     return [Trainable(f"{name} (unfrozen)", count, 1, plan.dtype_bytes) for name, count in chosen.items()]
 
 
+# Each adapter method's trainable tensors, keyed as model/adapters/registry.py keys the methods
+# (tests/unit/test_adapter_registry.py checks that both name the same methods).
+METHOD_TENSORS = {
+    "lora": memory.trainable_tensors,
+    "ia3": ia3_tensors,
+    "prompt_tuning": prompt_tensors,
+    "prefix_tuning": prompt_tensors,
+    "p_tuning": prompt_tensors,
+    "bottleneck": bottleneck_tensors,
+}
+
+
 def trainable_tensors(arch: Architecture, plan: Plan) -> list[Trainable]:
     """Every tensor the optimizer updates under the plan's method."""
-    if plan.method == "lora":
-        tensors = memory.trainable_tensors(arch, plan)
-    elif plan.method == "ia3":
-        tensors = ia3_tensors(arch, plan)
-    elif plan.method == "bottleneck":
-        tensors = bottleneck_tensors(arch, plan)
-    else:
-        tensors = prompt_tensors(arch, plan)
-    return tensors + unfrozen_tensors(arch, plan)
+    return METHOD_TENSORS[plan.method](arch, plan) + unfrozen_tensors(arch, plan)
 
 
 def trainable_params(arch: Architecture, plan: Plan) -> int:

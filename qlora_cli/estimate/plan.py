@@ -12,7 +12,7 @@ from typing import Optional, Union
 from qlora_cli.recipe.adapter_section import PROMPT_METHODS
 from qlora_cli.recipe.schema import Recipe
 
-ATTENTION_AUTO = "sdpa"  # what `auto` gives on a GPU without flash-attn installed (modeling.attn_implementation)
+ATTENTION_AUTO = "sdpa"  # what `auto` gives on a GPU without flash-attn installed (model/loading.attn_implementation)
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,7 @@ from typing import Optional
 from qlora_cli.atomic import write_text_atomic
 from qlora_cli.cli.estimate import card_from_flags
 from qlora_cli.errors import ConfigError, ResourceError
-from qlora_cli.estimate import (
-    GIB,
-    Architecture,
-    Gpu,
-    estimate,
-    plan_from_recipe,
-    resolve,
-)
+from qlora_cli.estimate import GIB, Architecture, Gpu, estimate, plan_from_recipe, resolve
 from qlora_cli.estimate.advice import largest_fitting
 from qlora_cli.estimate.gpu import cards_that_fit
 from qlora_cli.estimate.plan import Plan

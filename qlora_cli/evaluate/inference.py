@@ -16,7 +16,8 @@ from qlora_cli.data.collate import PaddingCollator
 from qlora_cli.data.formats import prompt_and_reference
 from qlora_cli.data.splits import eval_rows_for_generation, tokenize_rows
 from qlora_cli.errors import ModelError
-from qlora_cli.model import loading
+from qlora_cli.model import adapters, loading
+from qlora_cli.model.quantized import speed_up_cpu_inference
 from qlora_cli.recipe.schema import Recipe
 from qlora_cli.rundir import read_adapter_config
 
@@ -54,9 +55,6 @@ def load_eval_set(recipe: Recipe, tokenizer, max_samples: Optional[int] = None) 
 
 def load_model_as_trained(recipe: Recipe, adapter_dir: Optional[Path] = None, bits: Optional[int] = None):
     """The base with the recipe's quantization (or `bits`), plus the adapter (unmerged) when given, for inference."""
-    from qlora_cli.model import adapters
-    from qlora_cli.model.quantized import speed_up_cpu_inference
-
     if adapter_dir is not None:
         read_adapter_config(adapter_dir)
     model = loading.load_base_model(recipe, bits)
@@ -93,7 +91,7 @@ def model_device(model) -> torch.device:
 
 
 def prompt_ids(prompt: str, format_name: str, tokenizer) -> list[int]:
-    # As data.py tokenizes prompts: a rendered chat template already holds its special tokens.
+    # As data/formats.py tokenizes prompts: a rendered chat template already holds its special tokens.
     return tokenizer(prompt, add_special_tokens=format_name != "chat")["input_ids"]
 
 
@@ -176,13 +174,7 @@ def progress_bar(total: int, description: str, enabled: bool = True):
         yield lambda count: None
         return
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -12,9 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,18 +20,13 @@ from typing import Optional
 
 import torch
 
+from qlora_cli.atomic import staged_folder
 from qlora_cli.errors import ModelError
 from qlora_cli.evaluate import drift
-from qlora_cli.export import gguf_writer
-from qlora_cli.merge.preflight import (
-    DTYPES,
-    REPORT_NAME,
-    check_disk_space,
-    check_vocabulary,
-    parse_formats,
-    preflight,
-)
+from qlora_cli.export import gguf_check, gguf_writer
+from qlora_cli.merge.preflight import DTYPES, REPORT_NAME, check_disk_space, check_vocabulary, parse_formats, preflight
 from qlora_cli.model import loading
+from qlora_cli.model.quantized import dequantized_weights
 from qlora_cli.recipe.schema import Recipe
 
 
@@ -60,8 +53,6 @@ def with_dtype(recipe: Recipe, dtype: torch.dtype) -> Recipe:
 
 def load_base_for_merge(recipe: Recipe, base_mode: str, dtype: torch.dtype):
     """The 16-bit base; for `dequantized`, its 4-bit layers hold the NF4 values training saw."""
-    from qlora_cli.model.quantized import dequantized_weights
-
     base = loading.load_base_model(with_dtype(recipe, dtype), bits=16)
     if base_mode == "dequantized":
         # Loaded exactly as training loaded it, so the quantization is bit-for-bit the same.
@@ -136,24 +127,6 @@ def drop_checkpoint(folder: Path, keep: str) -> None:
             path.unlink()
 
 
-def install(staging: Path, output: Path) -> None:
-    """Rename the finished staging folder to `output`, replacing what --force allowed."""
-    umask = os.umask(0)
-    os.umask(umask)
-    # mkdtemp creates 0700, and transformers writes shards through 0600 temporary files.
-    os.chmod(staging, 0o777 & ~umask)
-    for path in staging.iterdir():
-        if path.is_file():
-            os.chmod(path, 0o666 & ~umask)
-    if output.exists():
-        replaced = Path(tempfile.mkdtemp(prefix=f".{output.name}.replaced-", dir=output.parent))
-        os.replace(output, replaced / output.name)
-        os.replace(staging, output)
-        shutil.rmtree(replaced, ignore_errors=True)
-    else:
-        os.replace(staging, output)
-
-
 def run_merge(
     run_dir: Path,
     output: Path,
@@ -179,9 +152,7 @@ def run_merge(
     chosen = parse_formats(formats)
     recipe, tokenizer = preflight(run_dir, output, base_mode, dtype, max_shard_size, force, overrides, chosen, gguf_type)
     output_dtype = DTYPES[dtype]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.merging-", dir=output.parent))
-    try:
+    with staged_folder(output, "merging") as staging:
         model, rounding = merged_model(recipe, run_dir, base_mode, output_dtype, tokenizer)
         parameters = sum(param.numel() for param in model.parameters())
         gguf_bytes = gguf_writer.expected_size(parameters, gguf_type) if "gguf" in chosen else 0
@@ -215,8 +186,6 @@ def run_merge(
         else:
             report["verification"] = None
         if exported is not None:
-            from qlora_cli.export import gguf_check
-
             exported["verification"] = (
                 gguf_check.verify(recipe, staging, exported["file"], tokenizer, gguf_type, verify_samples, batch_size, show_progress)
                 if verify else None
@@ -228,8 +197,4 @@ def run_merge(
         report["files"] = sorted(path.name for path in staging.iterdir())
         report["wall_time_s"] = round(time.perf_counter() - started, 1)
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        install(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return MergeResult(output=output, report=report, failures=failures, gguf_failures=gguf_failures)

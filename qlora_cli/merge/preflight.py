@@ -19,6 +19,7 @@ from qlora_cli.export import gguf_writer
 from qlora_cli.model import loading
 from qlora_cli.model.adapters.registry import check_mergeable
 from qlora_cli.recipe.loader import load_recipe
+from qlora_cli.recipe.paths import is_local_path
 from qlora_cli.recipe.schema import Recipe
 from qlora_cli.train.storage import existing_ancestor
 
@@ -46,7 +47,7 @@ def check_base(recipe: Recipe, run_dir: Path) -> None:
 def check_output(output: Path, run_dir: Path, recipe: Recipe, force: bool) -> None:
     if output.exists() and not output.is_dir():
         raise ResourceError(f"--output {output} is a file; give a folder path")
-    protected = [run_dir] + ([Path(recipe.model.path).expanduser()] if loading.is_local_model(recipe.model.path) else [])
+    protected = [run_dir] + ([Path(recipe.model.path).expanduser()] if is_local_path(recipe.model.path) else [])
     for folder in protected:
         folder = folder.resolve()
         if output.resolve() == folder or output.resolve() in folder.parents:
@@ -55,7 +56,7 @@ def check_output(output: Path, run_dir: Path, recipe: Recipe, force: bool) -> No
         if not force:
             raise ResourceError(f"--output {output} is not empty; choose a new or empty folder, or pass --force to replace it")
         # --force deletes the folder: only an earlier merge's output, never the user's files or the working directory.
-        if Path.cwd().resolve().is_relative_to(output.resolve()):
+        if rundir.holds_cwd(output):
             raise ResourceError(f"--output {output} holds the current directory, which --force would delete; choose a new folder")
         if not (output / REPORT_NAME).is_file():
             raise ResourceError(
@@ -113,7 +114,7 @@ def check_vocabulary(tokenizer, rows: int, source: str) -> None:
 
 def checkpoint_parameters(model_path: str) -> Optional[int]:
     """Parameters stored in a local safetensors checkpoint, read from the file headers only."""
-    files = sorted(Path(model_path).expanduser().glob("*.safetensors")) if loading.is_local_model(model_path) else []
+    files = sorted(Path(model_path).expanduser().glob("*.safetensors")) if is_local_path(model_path) else []
     if not files:
         return None
     total = 0

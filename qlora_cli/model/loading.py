@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from qlora_cli.errors import ConfigError, ModelError
+from qlora_cli.recipe.paths import is_local_path
 from qlora_cli.recipe.schema import ModelSection, QuantizationSection, Recipe
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -85,14 +86,9 @@ def attn_implementation(model: ModelSection) -> str:
     return "sdpa"
 
 
-def is_local_model(path: str) -> bool:
-    """A path that names a folder on disk (or is clearly meant to) rather than a hub id."""
-    return Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep == "\\" and "\\" in path
-
-
 def check_model_path(path: str) -> None:
     """Fail fast, before any download, on a model path that cannot work."""
-    if is_local_model(path):
+    if is_local_path(path):
         folder = Path(path).expanduser()
         if not folder.is_dir():
             hint = " (run `qlora demo-model` to create the demo model)" if "SmolLM2" in path else ""

@@ -17,6 +17,20 @@ METHOD_SECTIONS = ("ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "bottlen
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def check(self, recipe) -> None:
+        """Combinations with the rest of the recipe that this method's settings refuse (ValueError, one line)."""
+
+
+class _PromptSection(_Section):
+    """A prompt-learning method: virtual tokens added once per sequence."""
+
+    def check(self, recipe) -> None:
+        method = recipe.adapter.method
+        if recipe.data.packing:
+            raise ValueError(f"data.packing cannot be used with {method}: its virtual tokens are added once per sequence, not per packed row; set data.packing: false")
+        if recipe.adapter.layers_to_transform is not None:
+            raise ValueError(f"adapter.layers_to_transform applies to lora, ia3 and bottleneck, not {method}")
+
 
 class IA3Section(_Section):
     target_modules: Optional[list[str]] = Field(
@@ -27,18 +41,23 @@ class IA3Section(_Section):
     )
 
 
-class PromptTuningSection(_Section):
+class PromptTuningSection(_PromptSection):
     num_virtual_tokens: int = Field(20, gt=0, le=4096, description="Trainable soft-prompt vectors prepended to every sequence.")
     init_text: Optional[str] = Field(None, description="Initialise the soft prompt from this text's token embeddings; default: random.")
 
 
-class PrefixTuningSection(_Section):
+class PrefixTuningSection(_PromptSection):
     num_virtual_tokens: int = Field(20, gt=0, le=4096, description="Trainable key/value prefix positions added to every attention layer.")
     projection: bool = Field(False, description="Reparameterise the prefix through a two-layer MLP (more parameters, often more stable).")
     encoder_hidden_size: int = Field(512, gt=0, description="Hidden width of the projection MLP (used with projection: true).")
 
+    def check(self, recipe) -> None:
+        super().check(recipe)
+        if recipe.train.gradient_checkpointing:
+            raise ValueError("train.gradient_checkpointing cannot be used with prefix_tuning (peft refuses it); set it to false")
 
-class PTuningSection(_Section):
+
+class PTuningSection(_PromptSection):
     num_virtual_tokens: int = Field(20, gt=0, le=4096, description="Virtual tokens produced by the prompt encoder and prepended to every sequence.")
     encoder_hidden_size: int = Field(128, gt=0, description="Hidden width of the MLP prompt encoder.")
 
@@ -56,6 +75,10 @@ class BottleneckSection(_Section):
         if not value or len(set(value)) != len(value):
             raise ValueError("name attention and/or mlp, each once")
         return value
+
+    def check(self, recipe) -> None:
+        if recipe.distributed.strategy in ("fsdp", "deepspeed"):
+            raise ValueError(f"adapter.method bottleneck cannot be sharded by {recipe.distributed.strategy}; use distributed.strategy ddp")
 
 
 class AdapterSection(_Section):
@@ -109,41 +132,14 @@ def prepare_raw(data: dict) -> dict:
 
 def cross_check(recipe) -> None:
     """Combinations the schema alone cannot refuse; raises ValueError with a one-line message."""
-    adapter, lora, quant = recipe.adapter, recipe.lora, recipe.quantization
-    method = adapter.method
+    adapter, method = recipe.adapter, recipe.adapter.method
     if method != "lora" and "lora" in recipe.model_fields_set:
         raise ValueError(f"the recipe gives `lora` settings but adapter.method is {method}; remove the lora section (--set lora=null) or use method lora")
     for name in METHOD_SECTIONS:
         if name != method and name in adapter.model_fields_set:
             raise ValueError(f"the recipe gives `adapter.{name}` settings but adapter.method is {method}; remove them or set adapter.method: {name}")
-    if method in PROMPT_METHODS:
-        if recipe.data.packing:
-            raise ValueError(f"data.packing cannot be used with {method}: its virtual tokens are added once per sequence, not per packed row; set data.packing: false")
-        if method == "prefix_tuning" and recipe.train.gradient_checkpointing:
-            raise ValueError("train.gradient_checkpointing cannot be used with prefix_tuning (peft refuses it); set it to false")
-        if adapter.layers_to_transform is not None:
-            raise ValueError(f"adapter.layers_to_transform applies to lora, ia3 and bottleneck, not {method}")
-    if method == "lora":
-        _check_lora_init(lora, quant)
-    sharded = recipe.distributed.strategy in ("fsdp", "deepspeed")
-    if sharded and method == "bottleneck":
-        raise ValueError(f"adapter.method bottleneck cannot be sharded by {recipe.distributed.strategy}; use distributed.strategy ddp")
-    if sharded and method == "lora" and lora.init in ("pissa", "olora"):
-        raise ValueError(f"lora.init {lora.init} cannot be saved from {recipe.distributed.strategy} shards; use distributed.strategy ddp or lora.init gaussian")
-
-
-def _check_lora_init(lora, quant) -> None:
-    if lora.init in ("pissa", "olora") and lora.use_dora:
-        raise ValueError(f"lora.init {lora.init} cannot be combined with lora.use_dora; pick one")
-    if lora.init == "pissa" and quant.bits != 16:
-        raise ValueError("lora.init pissa needs a 16-bit base (peft takes the SVD of unquantized weights); set quantization.bits: 16")
-    if lora.init == "loftq" and (quant.bits != 4 or quant.quant_type != "nf4"):
-        raise ValueError(
-            "lora.init loftq fits the adapter to the NF4 rounding error of a 4-bit base (peft's replace_lora_weights_loftq): "
-            "set quantization.bits: 4 and quant_type: nf4"
-        )
-    if lora.init == "loftq" and lora.use_dora:
-        raise ValueError("lora.init loftq cannot be combined with lora.use_dora; pick one")
+    section = recipe.lora if method == "lora" else getattr(adapter, method)  # LoRA keeps its own top-level section
+    section.check(recipe)
 
 
 def method_sections_to_drop(recipe) -> tuple[set, set]:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from qlora_cli.errors import ConfigError
 from qlora_cli.recipe.adapter_section import method_sections_to_drop
 from qlora_cli.recipe.schema import Recipe
+from qlora_cli.rundir import is_run_dir
 
 # Names people bring from peft, the Trainer, axolotl and torchtune: a near-miss gets pointed home.
 _ALIASES = {
@@ -187,8 +188,6 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read recipe {path}: {exc}") from None
     data, lines = _parse_yaml(text, str(path))
-    from qlora_cli.rundir import is_run_dir
-
     if run_dir is not None and is_run_dir(run_dir) and isinstance(data, dict) and isinstance(data.get("output"), dict):
         # A run directory is its own output.dir, also after it was moved or copied elsewhere.
         data["output"] = {**data["output"], "dir": str(run_dir)}

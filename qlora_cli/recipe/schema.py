@@ -65,6 +65,23 @@ class LoraSection(_Section):
             raise ValueError("must name at least one module, or be all-linear")
         return value
 
+    def check(self, recipe) -> None:
+        """Initialisations the rest of the recipe refuses (ValueError, one line)."""
+        quant = recipe.quantization
+        if self.init in ("pissa", "olora") and self.use_dora:
+            raise ValueError(f"lora.init {self.init} cannot be combined with lora.use_dora; pick one")
+        if self.init == "pissa" and quant.bits != 16:
+            raise ValueError("lora.init pissa needs a 16-bit base (peft takes the SVD of unquantized weights); set quantization.bits: 16")
+        if self.init == "loftq" and (quant.bits != 4 or quant.quant_type != "nf4"):
+            raise ValueError(
+                "lora.init loftq fits the adapter to the NF4 rounding error of a 4-bit base (peft's replace_lora_weights_loftq): "
+                "set quantization.bits: 4 and quant_type: nf4"
+            )
+        if self.init == "loftq" and self.use_dora:
+            raise ValueError("lora.init loftq cannot be combined with lora.use_dora; pick one")
+        if recipe.distributed.strategy in ("fsdp", "deepspeed") and self.init in ("pissa", "olora"):
+            raise ValueError(f"lora.init {self.init} cannot be saved from {recipe.distributed.strategy} shards; use distributed.strategy ddp or lora.init gaussian")
+
 
 class ColumnsSection(_Section):
     text: str = Field("text", description="Column with the raw text (format: text).")

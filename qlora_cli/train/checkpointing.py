@@ -20,15 +20,10 @@ from typing import Callable, Iterator, Optional
 
 import yaml
 
+from qlora_cli.atomic import fsync_dir, fsync_tree
 from qlora_cli.errors import ConfigError, ResourceError
 from qlora_cli.recipe.loader import flatten, recipe_to_yaml, validate_recipe
-from qlora_cli.rundir import (
-    CHECKPOINT_PREFIX,
-    STAGING_PREFIX,
-    TRASH_PREFIX,
-    adapter_files,
-    checkpoint_step,
-)
+from qlora_cli.rundir import CHECKPOINT_PREFIX, STAGING_PREFIX, TRASH_PREFIX, adapter_files, checkpoint_step
 
 # What the Trainer needs to resume exactly: the adapter, optimizer + scheduler, RNG and trainer state
 # (RNG: rng_state.pth from one process, rng_state_<rank>.pth from each of several).
@@ -100,7 +95,7 @@ def newest_intact(output_dir: Path) -> tuple[Optional[Path], list[str]]:
     return None, skipped
 
 
-# What --resume may change: when to stop, the learning rate and its schedule (train.py puts them over
+# What --resume may change: when to stop, the learning rate and its schedule (train/trainer.py puts them over
 # the checkpoint's), when to log, evaluate and save, and how memory is spent. Anything else (batch,
 # data, adapter, model, precision) the checkpoint's state or data position would contradict.
 RESUMABLE_FIELDS = (
@@ -130,23 +125,6 @@ def check_resumed_recipe(output_dir: Path, recipe) -> None:
             f"state or data position would contradict; resume with only {', '.join(RESUMABLE_FIELDS)} "
             "changed, or start a new run with --set output.dir=NEW"
         )
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush file contents before the rename that publishes them (survives a power cut, not only a kill)."""
-    for item in folder.rglob("*"):
-        if item.is_file():
-            with open(item, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _discard(path: Path) -> None:
@@ -202,12 +180,12 @@ def staged_checkpoint(
             built = staging / name
             for dropped in DROPPED_FILES:
                 (built / dropped).unlink(missing_ok=True)
-            _fsync_tree(built)
+            fsync_tree(built)
             final = output_dir / name
             if final.exists():  # a damaged leftover of the same step, from before a resume
                 _discard(final)
             os.rename(built, final)
-            _fsync_dir(output_dir)
+            fsync_dir(output_dir)
     except OSError as exc:
         if is_main:
             shutil.rmtree(staging, ignore_errors=True)
@@ -236,11 +214,11 @@ def publish_adapter(adapter, tokenizer, output_dir: Path, state_dict: Optional[d
             else:
                 adapter.save(staging)  # peft adapters, or our own (bottleneck)
             tokenizer.save_pretrained(staging)
-            _fsync_tree(staging)
+            fsync_tree(staging)
             weights = adapter_files(staging)[1]
             (output_dir / weights).unlink(missing_ok=True)
             for item in sorted(staging.iterdir(), key=lambda p: p.name == weights):
                 os.replace(item, output_dir / item.name)
-            _fsync_dir(output_dir)
+            fsync_dir(output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -24,13 +24,7 @@ from qlora_cli.recipe.loader import recipe_to_yaml
 from qlora_cli.recipe.schema import Recipe
 from qlora_cli.train import checkpointing, distributed, storage, trackers
 from qlora_cli.train.arguments import build_training_args
-from qlora_cli.train.callbacks import (
-    NonFiniteLossGuard,
-    ProgressDisplay,
-    StopOnSignal,
-    TokenMeter,
-    write_metrics,
-)
+from qlora_cli.train.callbacks import NonFiniteLossGuard, ProgressDisplay, StopOnSignal, TokenMeter, write_metrics
 from qlora_cli.train.preflight import preflight
 from qlora_cli.train.trainer import QloraTrainer
 
@@ -80,7 +74,7 @@ def setup(recipe: Recipe, resume_from: Optional[Path], skipped: list[str], force
 
     output_dir = Path(recipe.output.dir)
     if here.is_main:
-        storage.check_free_space(recipe, trainable, reclaimable=force)
+        storage.check_free_space(recipe, storage.trainable_tensors(model), reclaimable=force)
         if force and output_dir.exists():
             shutil.rmtree(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)

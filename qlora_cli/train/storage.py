@@ -10,13 +10,11 @@ import tempfile
 from pathlib import Path
 
 from qlora_cli.errors import ResourceError
+from qlora_cli.estimate.memory import Trainable, optimizer_state_bytes
 from qlora_cli.recipe.schema import Recipe
 
-# Bytes per trainable parameter: LoRA weights are fp32; Adam keeps two moments per parameter,
-# fp32 (8 bytes) or 8-bit blockwise (2 bytes plus block scales, and small tensors stay 32-bit:
-# the demo's optimizer.pt holds 2.34 bytes per parameter).
-ADAPTER_BYTES = 4
-OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2.5, "paged_adamw_8bit": 2.5}
+# The trainable tensors and their optimizer states are sized by the estimate's rules
+# (estimate/memory.py), one model of the optimizer for memory and for disk.
 # Tokenizer, RNG, scheduler and trainer state: a few MB for the models we know.
 OVERHEAD_BYTES = 64 * 2**20
 
@@ -49,24 +47,33 @@ def probe_writable(output_dir: Path) -> None:
         ) from None
 
 
-def checkpoint_bytes(trainable_params: int, optimizer: str) -> int:
+def trainable_tensors(model) -> list[Trainable]:
+    """The tensors the optimizer updates, as they are stored."""
+    return [Trainable(name, param.numel(), 1, param.element_size()) for name, param in model.named_parameters() if param.requires_grad]
+
+
+def adapter_bytes(tensors: list[Trainable]) -> int:
+    return sum(t.numel * t.count * t.bytes_per_element for t in tensors)
+
+
+def checkpoint_bytes(tensors: list[Trainable], optimizer: str) -> int:
     """Expected size of one checkpoint: adapter weights + optimizer state + the small files."""
-    return int(trainable_params * (ADAPTER_BYTES + OPTIMIZER_BYTES[optimizer])) + OVERHEAD_BYTES
+    return adapter_bytes(tensors) + optimizer_state_bytes(tensors, optimizer) + OVERHEAD_BYTES
 
 
 def _size_of(path: Path) -> int:
     return sum(item.stat().st_size for item in path.rglob("*") if item.is_file()) if path.is_dir() else 0
 
 
-def required_bytes(recipe: Recipe, trainable_params: int) -> int:
+def required_bytes(recipe: Recipe, tensors: list[Trainable]) -> int:
     """Disk the run still needs: the checkpoints it keeps (plus the one being written) and the final adapter."""
     train = recipe.train
     saves = math.ceil(train.max_steps / train.save_steps) if train.max_steps else recipe.output.save_total_limit
     kept = min(recipe.output.save_total_limit, saves) + 1
-    return kept * checkpoint_bytes(trainable_params, train.optimizer) + trainable_params * ADAPTER_BYTES + OVERHEAD_BYTES
+    return kept * checkpoint_bytes(tensors, train.optimizer) + adapter_bytes(tensors) + OVERHEAD_BYTES
 
 
-def check_free_space(recipe: Recipe, trainable_params: int, reclaimable: bool = False) -> None:
+def check_free_space(recipe: Recipe, tensors: list[Trainable], reclaimable: bool = False) -> None:
     """ResourceError when the disk under output.dir cannot hold what the run will write.
 
     What the run directory already holds counts as used by the run (a resumed run's
@@ -75,12 +82,12 @@ def check_free_space(recipe: Recipe, trainable_params: int, reclaimable: bool = 
     target = existing_ancestor(output_dir)
     free = shutil.disk_usage(target).free
     already = _size_of(output_dir)
-    need = required_bytes(recipe, trainable_params) - (0 if reclaimable else already)
+    need = required_bytes(recipe, tensors) - (0 if reclaimable else already)
     available = free + (already if reclaimable else 0)
     if need > available:
         raise ResourceError(
             f"not enough disk space for output.dir {output_dir}: the run needs about {need / 2**30:.2f} GiB "
-            f"(checkpoints of {checkpoint_bytes(trainable_params, recipe.train.optimizer) / 2**30:.2f} GiB each, "
+            f"(checkpoints of {checkpoint_bytes(tensors, recipe.train.optimizer) / 2**30:.2f} GiB each, "
             f"{recipe.output.save_total_limit} kept), {available / 2**30:.2f} GiB free; free some space, lower "
             "output.save_total_limit, or choose another output.dir"
         )

@@ -8,13 +8,7 @@ from __future__ import annotations
 import pytest
 
 from qlora_cli.estimate import Plan, estimate, from_config, resolve
-from qlora_cli.estimate.activations import (
-    activation_parts,
-    backward_working_bytes,
-    layer_saved_bytes,
-    logits_bytes,
-    shared_saved_bytes,
-)
+from qlora_cli.estimate.activations import activation_parts, backward_working_bytes, layer_saved_bytes, logits_bytes, shared_saved_bytes
 from qlora_cli.estimate.memory import resolve_targets
 
 CPU_DROPOUT_MASK_EXTRA = 3  # bytes per LoRA input element: fp32 mask on CPU vs bool mask on CUDA

@@ -106,11 +106,7 @@ def test_saved_activations_match_autograd_on_the_demo_model(bf16_model):
 
     from qlora_cli.model.adapters.lora import build_lora_config
     from qlora_cli.model.loading import prepare_for_training
-    from tests.unit.test_estimate_activations import (
-        expected_cpu_bytes,
-        measured_saved_bytes,
-        random_batch,
-    )
+    from tests.unit.test_estimate_activations import expected_cpu_bytes, measured_saved_bytes, random_batch
 
     model = prepare_for_training(copy.deepcopy(bf16_model), gradient_checkpointing=False)
     wrapped = get_peft_model(model, build_lora_config(LoraSection(r=16, target_modules="all-linear", dropout=0.05)))

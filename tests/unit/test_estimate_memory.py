@@ -8,13 +8,7 @@ import pytest
 
 from qlora_cli.errors import ConfigError
 from qlora_cli.estimate import GIB, Plan, estimate, from_config, resolve
-from qlora_cli.estimate.memory import (
-    Trainable,
-    base_weight_bytes,
-    optimizer_state_bytes,
-    quantized_linear_bytes,
-    trainable_params,
-)
+from qlora_cli.estimate.memory import Trainable, base_weight_bytes, optimizer_state_bytes, quantized_linear_bytes, trainable_params
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)

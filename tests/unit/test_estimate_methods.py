@@ -11,11 +11,7 @@ import pytest
 from qlora_cli.estimate import plan_from_recipe, resolve
 from qlora_cli.estimate.methods import trainable_params
 from qlora_cli.model import adapters
-from qlora_cli.model.loading import (
-    count_parameters,
-    load_base_model,
-    prepare_for_training,
-)
+from qlora_cli.model.loading import count_parameters, load_base_model, prepare_for_training
 from qlora_cli.recipe.loader import validate_recipe
 from tests.conftest import DEMO_MODEL
 

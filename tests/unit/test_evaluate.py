@@ -12,14 +12,7 @@ from typer.testing import CliRunner
 from qlora_cli.cli import app
 from qlora_cli.errors import ConfigError, ModelError
 from qlora_cli.evaluate import inference
-from qlora_cli.evaluate.scores import (
-    exact_match,
-    normalize_answer,
-    normalized_match,
-    parse_compare,
-    resolve_target,
-    run_evaluation,
-)
+from qlora_cli.evaluate.scores import exact_match, normalize_answer, normalized_match, parse_compare, resolve_target, run_evaluation
 from qlora_cli.model import loading
 from qlora_cli.model.quantized import replace_4bit_layers
 from tests.unit.tiny_run import PAIRS, chat_rows, make_run

@@ -5,14 +5,7 @@ import pytest
 
 from qlora_cli.errors import ConfigError, DataError
 from qlora_cli.evaluate import inference
-from qlora_cli.evaluate.generate import (
-    Generator,
-    Prompt,
-    parse_adapter_specs,
-    parse_prompt,
-    read_prompt_file,
-    render,
-)
+from qlora_cli.evaluate.generate import Generator, Prompt, parse_adapter_specs, parse_prompt, read_prompt_file, render
 from qlora_cli.model import loading
 from qlora_cli.recipe.loader import load_recipe
 from tests.unit.test_merge_methods import method_run

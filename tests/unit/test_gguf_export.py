@@ -78,12 +78,7 @@ def build_tiny_sentencepiece_tokenizer():
 
 
 def build_tiny_model(kind: str, vocab_size: int):
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
     shape = dict(

@@ -8,11 +8,7 @@ import torch
 
 from qlora_cli.data.collate import PackingCollator, PaddingCollator
 from qlora_cli.errors import ConfigError
-from qlora_cli.model.kernels import (
-    fused_causal_lm_loss,
-    linear_cross_entropy_sum,
-    select_loss_kernel,
-)
+from qlora_cli.model.kernels import fused_causal_lm_loss, linear_cross_entropy_sum, select_loss_kernel
 from qlora_cli.recipe.loader import validate_recipe
 from qlora_cli.train.run import run_training
 from tests.conftest import build_tiny_llama

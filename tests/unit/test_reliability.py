@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from qlora_cli.cli import app
 from qlora_cli.errors import TrainingError
+from qlora_cli.estimate.memory import Trainable
 from qlora_cli.model import loading
 from qlora_cli.recipe.loader import validate_recipe
 from qlora_cli.train import storage
@@ -191,10 +192,11 @@ def test_not_enough_free_space_is_refused_before_anything_is_written(recipe_dict
 
 def test_required_space_counts_kept_checkpoints_and_the_adapter(recipe_dict):
     recipe = validate_recipe({**recipe_dict, "train": {**recipe_dict["train"], "max_steps": 10, "save_steps": 5}, "output": {**recipe_dict["output"], "save_total_limit": 4}})
+    adapter = [Trainable("lora", 10**6, 1, 4)]  # one fp32 tensor of a million parameters
     per_checkpoint = 10**6 * (4 + 8) + storage.OVERHEAD_BYTES  # fp32 adapter + two fp32 Adam moments
-    assert storage.checkpoint_bytes(10**6, "adamw_torch") == per_checkpoint
+    assert storage.checkpoint_bytes(adapter, "adamw_torch") == per_checkpoint
     # two saves (steps 5 and 10), each beside the previous one while it is written, then the adapter
-    assert storage.required_bytes(recipe, 10**6) == 3 * per_checkpoint + 4 * 10**6 + storage.OVERHEAD_BYTES
+    assert storage.required_bytes(recipe, adapter) == 3 * per_checkpoint + 4 * 10**6 + storage.OVERHEAD_BYTES
 
 
 def test_unwritable_output_dir_is_refused_before_training(recipe_dict, tmp_path):

@@ -12,12 +12,8 @@ from qlora_cli.train.layer_lr import layer_index
 
 def ia3_modules(recipe, model_type: str) -> tuple[list[str], list[str]]:
     """(target, feed-forward) module names for IA3: the recipe's, else peft's defaults for the architecture."""
-    from peft.utils.constants import (
-        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
-    )
-    from peft.utils.constants import (
-        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS,
-    )
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS
 
     section = recipe.adapter.ia3
     targets = section.target_modules or TARGETS.get(model_type)
