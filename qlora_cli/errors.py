@@ -55,7 +55,7 @@ EXIT_CODES = {
     2: "invalid recipe or option (ConfigError)",
     3: "bad or empty dataset (DataError)",
     4: "model, adapter or tokenizer problem (ModelError)",
-    5: "not enough memory/disk, output directory unwritable or in the way, or disk full while saving (ResourceError)",
+    5: "not enough memory/disk, output directory unwritable, in the way or being written by another process, or disk full while saving (ResourceError)",
     6: "a verification failed, e.g. merge drift (VerificationError)",
     7: "training stopped: loss or adapter weights became NaN/inf; the last good checkpoint is kept (TrainingError)",
     130: "interrupted (Ctrl-C or SIGTERM); a checkpoint was saved where possible",

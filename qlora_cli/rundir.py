@@ -1,20 +1,26 @@
 """The run directory, owned here: the names of what `qlora train` writes into it, whether a folder
-is one, what in it is foreign, leftovers of a killed run, the adapter's config inside it, and the
-guard that lets `--force` replace only a run directory.
+is one, what in it is foreign, leftovers of a killed run, the adapter's config inside it, the
+guard that lets `--force` replace only a run directory, and the lock that gives a folder one
+writer at a time (train, merge --output, evaluate).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from qlora_cli.errors import ModelError, ResourceError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STAGING_PREFIX = ".tmp-"  # .tmp-checkpoint-N/, .tmp-saving-*/: never matched by checkpoint-*
 TRASH_PREFIX = ".trash-"
+LOCK_NAME = ".qlora.lock"  # held (flock) by the one process writing the folder; see writer_lock
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BOTTLENECK_CONFIG = "bottleneck_config.json"
@@ -38,7 +44,7 @@ def checkpoint_step(path: Path) -> Optional[int]:
 RUN_ENTRIES = {
     "recipe.yaml", "metrics.json", "loss.png", "eval.json", "README.md", "adapter_config.json", ADAPTER_WEIGHTS,
     *ADAPTER_FILES["bottleneck"], "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "vocab.json",
-    "merges.txt", "added_tokens.json", "tensorboard", "wandb",
+    "merges.txt", "added_tokens.json", "tensorboard", "wandb", LOCK_NAME,
 }
 
 
@@ -114,3 +120,82 @@ def read_bottleneck_config(folder: Path) -> Optional[dict]:
         return json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"{config_file} is not readable JSON ({exc}); the run directory is damaged") from None
+
+
+_HELD: set[str] = set()  # lock files this process holds
+
+
+def entries(folder: Path) -> list[Path]:
+    """What a folder holds, its writer's lock file aside (a locked empty folder is empty)."""
+    return [item for item in Path(folder).iterdir() if item.name != LOCK_NAME]
+
+
+def _holder(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        info = json.loads(os.read(fd, 4096) or b"{}")
+        return f"pid {info['pid']} (`{info['command']}`)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _try_lock(path: Path, what: str) -> int:
+    """An open descriptor of `path` holding its exclusive flock; a ResourceError naming the holder if taken."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise ResourceError(
+                f"{path.parent} is being written by {holder}; {what} would mix its files with that run's: wait for it to "
+                "finish (or stop it), or choose another folder"
+            ) from None
+        try:  # the file locked must still be the one at `path`: a finishing holder removes it
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return fd
+        os.close(fd)
+
+
+def check_unlocked(folder: Path, what: str) -> None:
+    """A ResourceError if another process is writing `folder` now (a stale lock, its holder gone, is no obstacle)."""
+    path = Path(folder) / LOCK_NAME
+    if not path.is_file() or str(path.resolve()) in _HELD:
+        return
+    fd = _try_lock(path, what)
+    os.close(fd)  # released at once: only asked
+
+
+@contextmanager
+def writer_lock(folder: Path, what: str) -> Iterator[None]:
+    """Hold `folder`'s lock for the block: an exclusive flock on `folder/.qlora.lock`, released by the
+    kernel when the process dies (even by SIGKILL), so a lock left behind by a dead holder is taken
+    over silently. A second writer gets one line naming the holder's pid and command. A folder made
+    here only to hold the lock is removed again if the block leaves nothing in it."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ResourceError(f"{folder} is a file, not a folder; choose a folder path")
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    fd = _try_lock(path, what)
+    key = str(path.resolve())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "command": "qlora " + " ".join(sys.argv[1:])}).encode())
+        _HELD.add(key)
+        yield
+    finally:
+        _HELD.discard(key)
+        try:  # remove the lock file only if it is still ours (a merge replaces the folder that held it)
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()

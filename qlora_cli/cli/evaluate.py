@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from qlora_cli.cli.console import JsonOption, SetOption, err, out
+from qlora_cli.rundir import writer_lock
 
 
 def evaluate(
@@ -30,10 +31,12 @@ def evaluate(
 
     kinds = parse_compare(compare, merged)
     recipe, adapter_dir = resolve_target(target, set_, data)
-    report = run_evaluation(recipe, adapter_dir, kinds, merged, max_samples, max_new_tokens, batch_size, show_progress=not as_json)
     if output is None:
         output = (adapter_dir if adapter_dir.is_dir() else Path(".")) / "eval.json"
-    write_report(report, output)
+    # eval.json goes into a run directory: not while another process writes there (a run still training).
+    with writer_lock(output.parent, "this evaluation"):
+        report = run_evaluation(recipe, adapter_dir, kinds, merged, max_samples, max_new_tokens, batch_size, show_progress=not as_json)
+        write_report(report, output)
     if as_json:
         print(json.dumps(report))
         return

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from qlora_cli import rundir
 from qlora_cli.atomic import staged_folder
 from qlora_cli.errors import ModelError
 from qlora_cli.evaluate import drift
@@ -152,7 +153,8 @@ def run_merge(
     chosen = parse_formats(formats)
     recipe, tokenizer = preflight(run_dir, output, base_mode, dtype, max_shard_size, force, overrides, chosen, gguf_type)
     output_dtype = DTYPES[dtype]
-    with staged_folder(output, "merging") as staging:
+    # One writer per output folder (rundir.writer_lock), and the folder replaced whole or not at all.
+    with rundir.writer_lock(output, "this merge"), staged_folder(output, "merging") as staging:
         model, rounding = merged_model(recipe, run_dir, base_mode, output_dtype, tokenizer)
         parameters = sum(param.numel() for param in model.parameters())
         gguf_bytes = gguf_writer.expected_size(parameters, gguf_type) if "gguf" in chosen else 0

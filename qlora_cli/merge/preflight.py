@@ -52,7 +52,9 @@ def check_output(output: Path, run_dir: Path, recipe: Recipe, force: bool) -> No
         folder = folder.resolve()
         if output.resolve() == folder or output.resolve() in folder.parents:
             raise ResourceError(f"--output {output} would replace {folder}; choose a new folder")
-    if output.is_dir() and any(output.iterdir()):
+    if output.is_dir():
+        rundir.check_unlocked(output, "this merge")
+    if output.is_dir() and rundir.entries(output):
         if not force:
             raise ResourceError(f"--output {output} is not empty; choose a new or empty folder, or pass --force to replace it")
         # --force deletes the folder: only an earlier merge's output, never the user's files or the working directory.

@@ -64,24 +64,36 @@ def suggest_key(bad_key: str) -> Optional[str]:
     return close[0] if close else None
 
 
-def _key_lines(node: yaml.Node, prefix: str = "", lines: Optional[dict[str, int]] = None) -> dict[str, int]:
-    """Map dotted keys of a composed YAML document to their 1-based line numbers."""
+def _key_lines(node: yaml.Node, source: str, prefix: str = "", lines: Optional[dict[str, int]] = None, path: tuple = ()) -> dict[str, int]:
+    """Map dotted keys of a composed YAML document to their 1-based line numbers. A key given twice
+    in one mapping (PyYAML would keep the last silently) and an alias that contains itself are
+    ConfigErrors."""
     lines = {} if lines is None else lines
+    if id(node) in path:
+        raise ConfigError(f"{source} line {node.start_mark.line + 1}: `{prefix.rstrip('.') or 'recipe'}` refers to itself through a YAML alias; "
+                          "an alias must point at a finished value, not at a mapping that contains it")
+    path = (*path, id(node))
     if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
         for key_node, value_node in node.value:
             dotted = f"{prefix}{key_node.value}"
-            lines[dotted] = key_node.start_mark.line + 1
-            _key_lines(value_node, dotted + ".", lines)
+            line = key_node.start_mark.line + 1
+            if key_node.value in seen and key_node.value != "<<":
+                raise ConfigError(f"{source}: `{dotted}` is given twice (lines {seen[key_node.value]} and {line}); keep one of them")
+            seen[key_node.value] = line
+            lines.setdefault(dotted, line)
+            _key_lines(value_node, source, dotted + ".", lines, path)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             lines[f"{prefix}{index}"] = item.start_mark.line + 1
-            _key_lines(item, f"{prefix}{index}.", lines)
+            _key_lines(item, source, f"{prefix}{index}.", lines, path)
     return lines
 
 
 def _parse_yaml(text: str, source: str) -> tuple[dict, dict[str, int]]:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        lines = _key_lines(node, source) if node is not None else {}
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
@@ -92,7 +104,7 @@ def _parse_yaml(text: str, source: str) -> tuple[dict, dict[str, int]]:
         raise ConfigError(f"{source}: the recipe is empty; start from configs/quickstart.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a recipe is a YAML mapping of sections (model, lora, data, ...), not a {type(data).__name__}")
-    return data, _key_lines(node)
+    return data, lines
 
 
 def parse_override(assignment: str) -> tuple[list[str], Any]:

@@ -22,6 +22,7 @@ import yaml
 
 from qlora_cli.atomic import fsync_dir, fsync_tree
 from qlora_cli.errors import ConfigError, ResourceError
+from qlora_cli.model.adapters.registry import METHODS
 from qlora_cli.recipe.loader import flatten, recipe_to_yaml, validate_recipe
 from qlora_cli.rundir import CHECKPOINT_PREFIX, STAGING_PREFIX, TRASH_PREFIX, adapter_files, checkpoint_step
 
@@ -62,7 +63,7 @@ def checkpoint_problem(path: Path) -> Optional[str]:
         return "missing rng_state.pth"
     try:
         state = json.loads((path / "trainer_state.json").read_text())
-        json.loads((path / config_name).read_text())
+        config = json.loads((path / config_name).read_text())
         if state["global_step"] != checkpoint_step(path):
             return f"trainer_state.json is for step {state['global_step']}"
     except (OSError, ValueError, KeyError, TypeError):
@@ -72,6 +73,9 @@ def checkpoint_problem(path: Path) -> Optional[str]:
             for key in weights.keys():
                 if not torch.isfinite(weights.get_tensor(key)).all():
                     return f"non-finite values in {weights_name} ({key})"
+                rank = _lora_rank(config, key, weights)
+                if rank is not None and rank != config.get("r"):
+                    return f"{weights_name} holds rank-{rank} LoRA weights but {config_name} says r={config.get('r')}"
     except (OSError, SafetensorError, RuntimeError, ValueError):
         return f"unreadable {weights_name}"
     for name in (*optimizer, "scheduler.pt", *rng_files):
@@ -82,6 +86,42 @@ def checkpoint_problem(path: Path) -> Optional[str]:
         except (OSError, zipfile.BadZipFile):
             return f"unreadable {name}"
     return None
+
+
+def _lora_rank(config: dict, key: str, weights) -> Optional[int]:
+    """The rank of a LoRA A matrix in a checkpoint (None for other tensors, or where ranks vary by pattern)."""
+    if str(config.get("peft_type")).upper() != "LORA" or config.get("rank_pattern") or ".lora_A." not in key:
+        return None
+    return weights.get_slice(key).get_shape()[0]
+
+
+def check_checkpoint_matches(path: Path, recipe) -> None:
+    """Refuse, in one line, a checkpoint whose adapter is not the one the recipe trains (another
+    method, rank, alpha, targets or bottleneck size): loading it would fail on shapes, or worse, fit."""
+    config_name, _ = adapter_files(path)
+    config = json.loads((path / config_name).read_text())
+    expected = METHODS[recipe.adapter.method].peft_type
+    found = str(config.get("peft_type") or "unknown").upper()
+    if found != expected:
+        differences = [f"adapter {found}, the recipe's {expected}"]
+    elif found == "LORA":
+        lora = recipe.lora
+        pairs = [("r", config.get("r"), lora.r), ("lora_alpha", float(config.get("lora_alpha") or 0), float(lora.alpha)),
+                 ("use_dora", bool(config.get("use_dora")), lora.use_dora)]
+        if not isinstance(lora.target_modules, str):
+            pairs.append(("target_modules", sorted(config.get("target_modules") or []), sorted(lora.target_modules)))
+        differences = [f"{name} {ours!r} in the checkpoint, {theirs!r} in the recipe" for name, ours, theirs in pairs if ours != theirs]
+    elif found == "BOTTLENECK":
+        section = recipe.adapter.bottleneck
+        pairs = [("size", config.get("size"), section.size), ("placement", config.get("placement"), list(section.placement))]
+        differences = [f"{name} {ours!r} in the checkpoint, {theirs!r} in the recipe" for name, ours, theirs in pairs if ours != theirs]
+    else:
+        differences = []
+    if differences:
+        raise ConfigError(
+            f"--resume: {path} does not match the recipe it would continue ({'; '.join(differences)}); it was written by "
+            "another run: resume with that run's recipe, or start over with --force"
+        )
 
 
 def newest_intact(output_dir: Path) -> tuple[Optional[Path], list[str]]:

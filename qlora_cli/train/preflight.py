@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from qlora_cli import rundir
 from qlora_cli.data.sources import check_sources
 from qlora_cli.errors import ConfigError, ResourceError
 from qlora_cli.model import adapters, loading
@@ -37,7 +38,8 @@ def preflight(
     output_dir = Path(recipe.output.dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ResourceError(f"output.dir {output_dir} is a file; choose a directory path")
-    occupied = output_dir.is_dir() and any(output_dir.iterdir())
+    rundir.check_unlocked(output_dir, "this run")
+    occupied = output_dir.is_dir() and bool(rundir.entries(output_dir))
     if resume:
         storage.probe_writable(output_dir)
         found, skipped = checkpointing.newest_intact(output_dir) if output_dir.is_dir() else (None, [])
@@ -47,6 +49,7 @@ def preflight(
             raise ConfigError(f"--resume: no checkpoint in {output_dir} to resume from; run without --resume")
         distributed.check_resume_world(found, here)
         checkpointing.check_resumed_recipe(output_dir, recipe)
+        checkpointing.check_checkpoint_matches(found, recipe)
         return found, skipped
     if not here.is_main:
         return None, []

@@ -4,6 +4,7 @@ and publish (metrics, loss.png, the final adapter).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -76,7 +77,8 @@ def setup(recipe: Recipe, resume_from: Optional[Path], skipped: list[str], force
     if here.is_main:
         storage.check_free_space(recipe, storage.trainable_tensors(model), reclaimable=force)
         if force and output_dir.exists():
-            shutil.rmtree(output_dir)
+            for item in rundir.entries(output_dir):  # all but the lock this run holds
+                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
         output_dir.mkdir(parents=True, exist_ok=True)
         rundir.remove_leftovers(output_dir)
         with checkpointing.disk_errors("recipe.yaml", output_dir):
@@ -180,16 +182,19 @@ def run_training(
     started = time.perf_counter()
     here = distributed.world()
     resume_from, skipped = preflight(recipe, resume, force, here)
-    ready = setup(recipe, resume_from, skipped, force, here)
-    if on_ready and here.is_main:
-        on_ready(ready.info)
-    trainer, meter, stop, guard, display = build_trainer(ready, show_progress, callbacks, here)
-    # The signal handler stays until the final files are written: a SIGTERM after the last step
-    # lets them finish instead of killing the process halfway through them.
-    stop.install()
-    try:
-        interrupted = fit(trainer, ready, resume_from, stop, guard, display)
-        metrics = publish(trainer, ready, meter, guard, interrupted, started, here)
-    finally:
-        stop.uninstall()
+    # One writer per run directory: rank 0 holds the lock for the whole job (the other ranks write
+    # only into the staging folders rank 0 publishes).
+    with rundir.writer_lock(recipe.output.dir, "this run") if here.is_main else contextlib.nullcontext():
+        ready = setup(recipe, resume_from, skipped, force, here)
+        if on_ready and here.is_main:
+            on_ready(ready.info)
+        trainer, meter, stop, guard, display = build_trainer(ready, show_progress, callbacks, here)
+        # The signal handler stays until the final files are written: a SIGTERM after the last step
+        # lets them finish instead of killing the process halfway through them.
+        stop.install()
+        try:
+            interrupted = fit(trainer, ready, resume_from, stop, guard, display)
+            metrics = publish(trainer, ready, meter, guard, interrupted, started, here)
+        finally:
+            stop.uninstall()
     return TrainResult(output_dir=Path(recipe.output.dir), metrics=metrics, interrupted=interrupted, info=ready.info, is_main=here.is_main)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from qlora_cli import rundir
 from tests.conftest import DEMO_MODEL
 from tests.integration.conftest import qlora
 
@@ -39,6 +40,8 @@ def test_two_processes_train_one_run_directory(tmp_path, strategy, checkpointing
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"2 ({strategy})" in result.stdout and result.stdout.count("qlora train") == 1  # rank 0 alone reports
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # exactly one output directory
+    # One lock for the job: rank 0 holds it (a second rank asking for it would have failed the run) and releases it.
+    assert not (out / rundir.LOCK_NAME).exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["global_step"] == 3
     assert metrics["last_loss"] < metrics["first_loss"]
