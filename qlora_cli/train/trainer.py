@@ -2,8 +2,8 @@
 token meter, NaN guard, CPU 4-bit repack, loss kernel, staged checkpoints, layer-wise learning
 rates, resume with the recipe's learning rate, and our own adapters' files.
 
-Private Trainer hooks the mixin overrides, checked against transformers 5.0 - 5.24.0
-(tests/unit/test_trainer_hooks.py fails when one disappears or changes its arguments):
+Private Trainer hooks the mixin overrides, checked against transformers 5.24.0 (pyproject allows 5.x;
+tests/unit/test_trainer_hooks.py fails on any release where one disappears or changes its arguments):
 
 | hook                            | why                                                                |
 |---------------------------------|--------------------------------------------------------------------|
