@@ -4,6 +4,7 @@ are written through these."""
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -59,6 +60,22 @@ def _readable_by_umask(folder: Path) -> None:
     for path in folder.iterdir():
         if path.is_file():
             os.chmod(path, 0o666 & ~umask)
+
+
+def remove_stale_stagings(final: Path, purpose: str, keep: Path) -> list[Path]:
+    """Delete the staging and `replaced` folders of `final` that earlier, killed writers left
+    (`.NAME.PURPOSE-*`, `.NAME.replaced-*`; a SIGKILL or power cut runs no cleanup), all but
+    `keep`; returns what was removed. Only while the caller holds `final`'s writer lock
+    (rundir.writer_lock): then no other process is writing them."""
+    final, keep = Path(final), Path(keep)
+    removed = []
+    for prefix in (f".{final.name}.{purpose}-", f".{final.name}.replaced-"):
+        for item in final.parent.glob(glob.escape(prefix) + "*"):
+            # mkdtemp's suffix has no dot: `.NAME.merging-x.merging-*` belongs to another folder
+            if item != keep and "." not in item.name[len(prefix):] and item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item, ignore_errors=True)
+                removed.append(item)
+    return removed
 
 
 @contextmanager

@@ -1,7 +1,8 @@
 """The user-facing error hierarchy.
 
-Library code raises these with a message that says what went wrong and what to do;
-cli/console.py turns them into one line on stderr and a non-zero exit code (see EXIT_CODES).
+Library code raises these with a message that says what went wrong and what to do (quoting a
+library's own exception through library_message); cli/console.py turns them into one line on
+stderr and a non-zero exit code (see EXIT_CODES).
 """
 
 from __future__ import annotations
@@ -60,3 +61,16 @@ EXIT_CODES = {
     7: "training stopped: loss or adapter weights became NaN/inf; the last good checkpoint is kept (TrainingError)",
     130: "interrupted (Ctrl-C or SIGTERM); a checkpoint was saved where possible",
 }
+
+
+_LONGEST_LINE = 1000  # a library message longer than this is cut at a word boundary
+
+
+def library_message(exc: BaseException) -> str:
+    """A library exception as one whole line for our messages: its first non-blank line, never cut
+    mid-word (a long one ends at a word boundary with "..."), or its type name when it says nothing
+    (datasets raises a bare StopIteration for an empty file)."""
+    line = next((line.strip() for line in str(exc).splitlines() if line.strip()), "") or type(exc).__name__
+    if len(line) > _LONGEST_LINE:
+        line = line[:_LONGEST_LINE].rsplit(" ", 1)[0] + " ..."
+    return line

@@ -15,6 +15,7 @@ from typing import Optional
 from qlora_cli.atomic import write_atomic
 
 PLOT_NAME = "loss.png"
+MARKED_POINTS = 20  # curves with this many points or fewer get a marker on each
 TOKENS_KEY = "num_input_tokens_seen"  # the Trainer's name; QloraTrainer.log adds it to every log entry
 
 
@@ -80,7 +81,7 @@ def figure_of(runs: list[RunCurves], title: str = ""):
         for data, style, name in ((run.train_loss, "-", "train"), (run.eval_loss, "--", "eval")):
             if not data.values:
                 continue
-            marker = "o" if name == "eval" or len(data.values) <= 20 else None
+            marker = "o" if name == "eval" or len(data.values) <= MARKED_POINTS else None
             line_color = color if several or name == "train" else "C1"  # one run: eval in its own colour
             options = dict(color=line_color, linestyle=style, marker=marker, markersize=4 if name == "train" else 6,
                            alpha=0.9 if name == "train" else 1.0, label=f"{prefix}{name} loss")
@@ -90,7 +91,9 @@ def figure_of(runs: list[RunCurves], title: str = ""):
             loss_tokens.plot(tokens, values, **options)
             all_losses.extend(data.values)
         if run.learning_rate.values:
-            options = dict(color=color, label=f"{prefix}learning rate".strip())
+            # A run with one logged step has a one-point curve: a line alone would draw nothing.
+            few = len(run.learning_rate.values) <= MARKED_POINTS
+            options = dict(color=color, label=f"{prefix}learning rate".strip(), marker="o" if few else None, markersize=4)
             lr_steps.plot(run.learning_rate.steps, run.learning_rate.values, **options)
             lr_tokens.plot(*run.learning_rate.by_tokens(), **options)
 
@@ -113,7 +116,10 @@ def figure_of(runs: list[RunCurves], title: str = ""):
         loss_steps.text(0.5, 0.5, "no logged loss yet", ha="center", va="center", transform=loss_steps.transAxes)
     elif not any_tokens:
         loss_tokens.text(0.5, 0.5, "tokens seen were not logged", ha="center", va="center", transform=loss_tokens.transAxes)
-    if all_losses:
+    if all_losses and several:
+        # One entry per run and curve: inside an axes it would cover the curves it names.
+        figure.legend(*loss_steps.get_legend_handles_labels(), loc="outside right upper", fontsize="small")
+    elif all_losses:
         loss_steps.legend(loc="upper right", fontsize="small")
     if title:
         figure.suptitle(title)

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import yaml
 
 from qlora_cli import plots
-from qlora_cli.errors import ConfigError
+from qlora_cli.errors import ConfigError, library_message
 from qlora_cli.recipe.loader import flatten
 
 NOT_A_RUN = "pass the output.dir of a `qlora train` run"
@@ -34,7 +34,7 @@ def _read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ConfigError(f"{path}: cannot read {what} ({str(exc).splitlines()[0]}); {NOT_A_RUN}") from None
+        raise ConfigError(f"{path}: cannot read {what} ({library_message(exc)}); {NOT_A_RUN}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: {what} is not a JSON object; {NOT_A_RUN}")
     return data
@@ -55,7 +55,7 @@ def load_run(path: Path) -> Run:
         try:
             recipe = flatten(yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8")) or {})
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{path / 'recipe.yaml'}: cannot read the recipe ({str(exc).splitlines()[0]})") from None
+            raise ConfigError(f"{path / 'recipe.yaml'}: cannot read the recipe ({library_message(exc)})") from None
     evaluation = _read_json(path / "eval.json", "eval.json") if (path / "eval.json").is_file() else None
     return Run(path, path.resolve().name, metrics, recipe, evaluation)
 

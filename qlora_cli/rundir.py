@@ -101,14 +101,27 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         return settings
     config_file = Path(adapter_dir) / ADAPTER_CONFIG
     if not config_file.is_file():
-        raise ModelError(f"no adapter in {adapter_dir} (adapter_config.json missing); train one with `qlora train` or point at a finished run")
+        raise ModelError(
+            stopped_run(adapter_dir) or f"no adapter in {adapter_dir} (adapter_config.json missing); train one with `qlora train` or point at a finished run"
+        )
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"{config_file} is not readable JSON ({exc}); the run directory is damaged") from None
     if not any((Path(adapter_dir) / name).is_file() for name in (ADAPTER_WEIGHTS, "adapter_model.bin")):
-        raise ModelError(f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors; the run did not finish saving")
+        raise ModelError(stopped_run(adapter_dir) or f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors; the run did not finish saving")
     return config
+
+
+def stopped_run(folder: Path) -> Optional[str]:
+    """For a run directory whose run stopped (Ctrl-C, SIGTERM, a kill) before its final adapter was
+    saved: a message saying so and how to finish it; None for any other folder."""
+    found = (checkpoint_step(path) for path in Path(folder).glob(CHECKPOINT_PREFIX + "*") if path.is_dir())
+    steps = sorted(step for step in found if step is not None)
+    if not steps or not (Path(folder) / "recipe.yaml").is_file():
+        return None
+    return (f"{folder} holds no final adapter: its run stopped at step {steps[-1]} ({CHECKPOINT_PREFIX}{steps[-1]} saved); "
+            f"finish it with `qlora train {folder} --resume`, then run this again")
 
 
 def read_bottleneck_config(folder: Path) -> Optional[dict]:

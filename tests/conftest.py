@@ -1,18 +1,31 @@
-"""Shared fixtures: a tiny word-level tokenizer with a ChatML template and a tiny random
-Llama saved as a Hugging Face folder, so unit tests run in seconds with exact expectations.
-The real demo model (SmolLM2-135M) is used by tests/integration only.
+"""Shared fixtures and helpers: a tiny word-level tokenizer with a ChatML template and a tiny
+random Llama saved as a Hugging Face folder, so unit tests run in seconds with exact
+expectations; the real demo model (SmolLM2-135M, DEMO_MODEL) is loaded by tests/integration only.
+
+Helpers used by more than one test module live here, as plain functions imported with
+`from tests.conftest import ...` (a test module never imports from another test module);
+tests/unit/tiny_run.py builds finished run directories without training.
+
+Under pytest-xdist (scripts/test.sh runs `-n 2 --dist loadgroup`): each worker runs torch on one
+thread (so do the commands it starts), the tests of one shared demo run stay on one worker, and a
+test marked `alone` runs while no other test runs on any worker (see pytest_runtest_protocol).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from qlora_cli.data.formats import IGNORE_INDEX
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))  # the shipped recipes
 
 WORDS = (
     "user assistant system the a is of to and in what which topic sentence about answer yes no sports cooking weather music technology "
@@ -89,6 +102,115 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def write_recipe(folder: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
+    """`recipe` (a dict) as YAML in folder/name; returns the file's path."""
+    import yaml
+
+    path = folder / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def recipe_from(recipe_dict: dict, **sections):
+    """The validated Recipe of `recipe_dict` with each section updated: recipe_from(d, train={"max_steps": 3})."""
+    from qlora_cli.recipe.loader import validate_recipe
+
+    data = json.loads(json.dumps(recipe_dict))
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return validate_recipe(data)
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    """{step: training loss} of every logged step of a finished run directory, in order."""
+    history = json.loads((output_dir / "metrics.json").read_text())["log_history"]
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+# ---- the command line in this process ---------------------------------------------------------
+
+
+def invoke(*args):
+    """`qlora ARGS` through Typer's test runner (each argument str()-ed); returns the Click Result."""
+    from typer.testing import CliRunner
+
+    from qlora_cli.cli import app
+
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def one_line_error(result, code: int, ignoring: tuple[str, ...] = ()) -> str:
+    """Assert `result` exited with `code` after exactly one stderr line, starting "error:", and no
+    traceback; returns that line. Lines starting with one of `ignoring` (training's progress lines:
+    TRAINING_PROGRESS) are not counted."""
+    assert result.exit_code == code, (result.exit_code, result.output)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not (ignoring and line.startswith(ignoring))]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    return lines[0]
+
+
+TRAINING_PROGRESS = ("step ", "resuming from")
+
+
+# ---- batches for the collators and the loss kernels ------------------------------------------
+
+PAD_ID = 2
+TOKEN_ROWS = [
+    {"input_ids": [5, 6, 7, 8, 2], "labels": [IGNORE_INDEX, IGNORE_INDEX, 7, 8, 2]},
+    {"input_ids": [9, 2], "labels": [IGNORE_INDEX, 2]},
+    {"input_ids": [10, 11, 12], "labels": [10, 11, 12]},
+]
+
+
+# ---- what autograd saves, against the activation formula (tests of the estimate) -------------
+
+CPU_DROPOUT_MASK_EXTRA = 3  # bytes per LoRA input element: fp32 mask on CPU vs bool mask on CUDA
+
+
+def measured_saved_bytes(model, batch) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves during one forward pass."""
+    import torch
+
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(**batch)
+    return sum(storages.values())
+
+
+def random_batch(plan, vocab_size: int) -> dict:
+    """A batch of random ids shaped as `plan` (an estimate Plan) says, packed or padded."""
+    import torch
+
+    ids = torch.randint(0, vocab_size, (plan.micro_batch, plan.seq_len), generator=torch.Generator().manual_seed(0))
+    if plan.packing:
+        positions = torch.arange(plan.seq_len).repeat(plan.micro_batch).reshape(1, -1)
+        return {"input_ids": ids.reshape(1, -1), "labels": ids.reshape(1, -1), "position_ids": positions}
+    return {"input_ids": ids, "labels": ids}
+
+
+def expected_cpu_bytes(arch, plan) -> int:
+    """The formula's saved bytes without checkpointing, plus the loss's saved fp32 log_softmax."""
+    from qlora_cli.estimate.activations import activation_parts
+    from qlora_cli.estimate.memory import resolve_targets
+
+    saved = activation_parts(arch, plan)["kept until backward"] + 4 * plan.tokens * arch.vocab_size
+    if plan.lora_dropout > 0:  # every mask the formula counts at 1 byte is 4 bytes on CPU
+        linears, _, _ = resolve_targets(arch, plan.target_modules)
+        masked = arch.num_layers * sum(l.in_features for l in linears) - sum(l.in_features for l in linears if l.role == "attn_in")
+        saved += CPU_DROPOUT_MASK_EXTRA * plan.tokens * masked
+    return saved
+
+
 @pytest.fixture
 def recipe_dict(tiny_model_dir, tmp_path):
     """A minimal valid recipe (as a dict) on the tiny model with a small chat dataset."""
@@ -107,6 +229,28 @@ def recipe_dict(tiny_model_dir, tmp_path):
     }
 
 
+# ---- running under pytest-xdist ---------------------------------------------------------------
+
+
+def xdist_worker() -> str | None:
+    """This process's pytest-xdist worker name ("gw0"), or None outside xdist."""
+    return os.environ.get("PYTEST_XDIST_WORKER")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "alone: under pytest-xdist, runs while no other test runs on any worker (signal and kill timing)")
+    config.addinivalue_line("markers", "xdist_group(name): under --dist loadgroup, the tests of one group run on one worker, one after another")
+    if xdist_worker():
+        # Two workers share the cores: one torch thread each, and one for every process a test
+        # starts (qlora subprocesses, forkserver children; torchrun sets 1 for its ranks anyway).
+        threads = os.environ.get("QLORA_TEST_THREADS", "1")
+        os.environ["OMP_NUM_THREADS"] = threads
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     import torch
 
@@ -117,3 +261,36 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "integration" in item.keywords and not DEMO_MODEL.is_dir() and os.environ.get("QLORA_ALLOW_MISSING_DEMO"):
             item.add_marker(skip_demo)
+        if "demo_run" in getattr(item, "fixturenames", ()):
+            # The session's demo run is trained once per worker that needs it: keep its readers on one.
+            item.add_marker(pytest.mark.xdist_group("demo_run"))
+
+
+@contextlib.contextmanager
+def _turn(config, exclusive: bool):
+    """Under xdist: a shared lock around every test, an exclusive one around `alone` tests. A waiting
+    exclusive test holds the gate, so the other worker's next tests wait behind it instead of
+    starving it. The lock files lie in the run's base temporary folder, which all workers share."""
+    import fcntl
+
+    folder = Path(config.option.basetemp).parent if config.option.basetemp else Path(tempfile.gettempdir())
+    base = folder / f"qlora-tests-{os.environ.get('PYTEST_XDIST_TESTRUNUID', 'run')}"
+    with open(f"{base}.gate", "a") as gate, open(f"{base}.lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Setup (session and module fixtures included), call and teardown of each test inside its turn."""
+    if not xdist_worker():
+        return (yield)
+    with _turn(item.config, exclusive=item.get_closest_marker("alone") is not None):
+        return (yield)

@@ -1,12 +1,15 @@
 """What every command shares: the two rich consoles, the `--debug` switch, and the wrapper that
-turns a QloraError or Ctrl-C into one line on stderr and an exit code."""
+turns a QloraError, Ctrl-C or SIGTERM into one line on stderr and an exit code."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
-from typing import Callable
+import threading
+from typing import Callable, Iterator
 
 import typer
 from rich.console import Console
@@ -60,15 +63,36 @@ def one_line(message: str) -> str:
     return escape("".join(char if char.isprintable() else repr(char)[1:-1] for char in message))
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (a `kill`, a scheduler's stop, a container shutting down) handled as Ctrl-C: the
+    command unwinds, so staging folders and locks are cleaned up, and exits 130 as documented,
+    instead of dying with 143 and leaving them behind. `qlora train` puts its own handler over
+    this one while it fits (a checkpoint first, then stop)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def handle_errors(command: Callable) -> Callable:
-    """Run a command; turn a QloraError or Ctrl-C into one line and an exit code."""
+    """Run a command; turn a QloraError, Ctrl-C or SIGTERM into one line and an exit code."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             if not state["debug"]:
                 quiet_libraries()
-            return command(*args, **kwargs)
+            with sigterm_as_ctrl_c():
+                return command(*args, **kwargs)
         except QloraError as exc:
             if state["debug"]:
                 raise

@@ -49,6 +49,11 @@ def gguf_table(exported: dict) -> Table:
         table.add_row("top-1 agreement vs merged", f"{100 * logits['top1_agreement']:.2f}% of {logits['positions']:,} "
                       f"(min {100 * check['min_top1_agreement']:.0f}%)")
         table.add_row("max abs logit diff / mean KL", f"{logits['max_abs_logit_diff']:.4g} / {logits['mean_kl']:.2e}")
+        probe = check.get("position_probe")
+        if probe:
+            past = probe["top1_agreement_response"] if probe["window"] else probe["top1_agreement"]
+            where = f", past its window of {probe['window']}" if probe["window"] else ""
+            table.add_row(f"top-1 on a {probe['tokens']:,}-token row{where}", f"{100 * past:.2f}% (min {100 * check['probe_min_top1_agreement']:.0f}%)")
         table.add_row("tokenizer round trip", f"{tokens['identical']}/{tokens['texts']} identical, chat template "
                       f"{'equal' if tokens['chat_template_equal'] else 'DIFFERS'}")
     return table

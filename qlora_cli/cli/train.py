@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
 from qlora_cli.cli.console import SetOption, err, kv_table, out, state
 from qlora_cli.recipe.loader import load_recipe
@@ -48,7 +50,10 @@ def train(
         raise typer.Exit(130 if result.interrupted else 0)
     metrics = result.metrics
     if result.interrupted:
-        err.print(f"[yellow]stopped at step {metrics['global_step']}; checkpoint saved. Continue with:[/] qlora train {recipe} --resume")
+        # The run directory, not the recipe: it holds the recipe as resolved with this run's --set
+        # overrides (output.dir included), so the hint cannot continue another run of the same recipe.
+        err.print(f"[yellow]stopped at step {metrics['global_step']}; checkpoint saved. Continue with:[/] "
+                  f"{escape(shlex.join(['qlora', 'train', str(result.output_dir), '--resume', *resume_nproc(metrics)]))}", soft_wrap=True)
         raise typer.Exit(130)
     summary = {
         "steps": metrics["global_step"],
@@ -62,3 +67,9 @@ def train(
         "adapter": str(result.output_dir),
     }
     out.print(kv_table("done", {k: v for k, v in summary.items() if v is not None}))
+
+
+def resume_nproc(metrics: dict) -> list[str]:
+    """`--nproc N` for a run of N processes: a checkpoint resumes with the process count that wrote it."""
+    processes = metrics.get("processes") or 1
+    return ["--nproc", str(processes)] if processes > 1 else []

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from qlora_cli.errors import DataError
+from qlora_cli.errors import DataError, library_message
 from qlora_cli.recipe.schema import DataSection
 
 IGNORE_INDEX = -100
@@ -46,7 +46,7 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> list[in
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as exc:  # jinja raises its own types for templates that reject a conversation
-        raise DataError(f"the chat template rejected this conversation: {str(exc).splitlines()[0][:160]}") from None
+        raise DataError(f"the chat template rejected this conversation: {library_message(exc)}") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

@@ -4,10 +4,12 @@ datasets, loaded into one datasets.Dataset; the fields each format needs, checke
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Optional, Union
 
-from qlora_cli.errors import DataError
+from qlora_cli.errors import DataError, library_message
 from qlora_cli.recipe.paths import is_local_path
 from qlora_cli.recipe.schema import DataSection
 
@@ -42,7 +44,8 @@ def load_rows(spec: Union[str, list[str]], split: str = "train", key: str = "dat
                 builder = _FILE_BUILDERS.get(path.suffix.lower())
                 if builder is None:
                     raise DataError(f"{key}: {source} has an unsupported extension; use .jsonl, .json, .csv or .parquet")
-                part = datasets.load_dataset(builder, data_files=str(path), split="train")
+                with _quiet(datasets):
+                    part = datasets.load_dataset(builder, data_files=str(path), split="train")
             elif path.is_dir():
                 part = datasets.load_from_disk(str(path))
                 if isinstance(part, datasets.DatasetDict):
@@ -54,12 +57,68 @@ def load_rows(spec: Union[str, list[str]], split: str = "train", key: str = "dat
         except DataError:
             raise
         except Exception as exc:  # datasets raises many types for a bad file; all are the user's data
-            raise DataError(f"{key}: cannot read {source}: {str(exc).splitlines()[0][:200]}") from None
+            problem = file_problem(path) if path.is_file() else None
+            raise DataError(f"{key}: {problem or f'cannot read {source}: {library_message(exc)}'}") from None
         parts.append(part)
     dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if len(dataset) == 0:
         raise DataError(f"{key}: {', '.join(_as_list(spec))} has no rows")
     return dataset
+
+
+@contextlib.contextmanager
+def _quiet(datasets) -> Iterator[None]:
+    """datasets logs a bad file as an error line of its own ("Failed to load JSON ... in row 2",
+    0-based), beside the one line we print: keep it out, our message names the line."""
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
+def file_problem(path: Path) -> Optional[str]:
+    """What is wrong with a data file datasets could not read, said the way an editor shows it: an
+    empty file, text that is not UTF-8, or the first line (1-based) of a .jsonl / .json file that
+    is not a JSON object. None when it finds nothing (datasets' own message is used then)."""
+    suffix = path.suffix.lower()
+    empty = f"{path} is empty (no rows); add rows or point at another file"
+    try:
+        if path.stat().st_size == 0:
+            return empty
+        if suffix not in (".jsonl", ".json", ".csv"):
+            return None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        return f"{path} is not UTF-8 text (byte {exc.start + 1} cannot be decoded); save it as UTF-8"
+    except OSError:
+        return None
+    lines = text.splitlines()
+    if not text.strip():
+        return empty
+    if suffix == ".csv":
+        return None
+    if suffix == ".json":  # one JSON document (an array of rows), or JSON Lines under another name
+        try:
+            json.loads(text)
+            return None  # valid JSON: datasets' complaint is about its shape, not its syntax
+        except json.JSONDecodeError as exc:
+            if _json_error(next(line for line in lines if line.strip())) is not None:  # not JSON Lines either
+                return f"{path} line {exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}); fix that line"
+    for number, line in enumerate(lines, start=1):
+        if line.strip() and (problem := _json_error(line)):
+            return f"{path} line {number}: {problem}; fix or remove that line"
+    return None
+
+
+def _json_error(line: str) -> Optional[str]:
+    """Why one JSON Lines line is not a row (a JSON object), or None."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON ({exc.msg}, column {exc.colno})"
+    return None if isinstance(row, dict) else f"a row must be a JSON object, not {type(row).__name__}"
 
 
 def required_columns(data: DataSection) -> list[str]:

@@ -82,7 +82,7 @@ def load_merged_model(folder: Path, recipe: Recipe):
             device_map=loading.device_map(),
         )
     except (OSError, ValueError, ImportError) as exc:
-        raise ModelError(f"cannot load the merged model in {folder}: {str(exc).splitlines()[0][:300]}") from None
+        raise loading.load_failure(f"the merged model in {folder}", exc) from None
     return model.eval()
 
 

@@ -3,7 +3,9 @@ package's writer: architecture metadata under llama.cpp's keys, tensors under ll
 (f16, bf16 or q8_0; norms and biases stay f32), the tokenizer (gguf_tokenizer.py) and sampling
 defaults from the generation config. Tensors are converted and written one at a time.
 
-Llama-family models (Llama 2/3, SmolLM2, Mistral) and Qwen2 are supported.
+Llama-family models (Llama 2/3, SmolLM2, Mistral) and Qwen2 are supported. A setting that changes
+what the model computes and that llama.cpp would not apply from the file (a sliding window, another
+activation, an unwritten rope setting) refuses the export before anything is written.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -22,8 +25,19 @@ GGUF_TYPES = ("f16", "bf16", "q8_0")
 # llama.cpp runs Llama and Mistral with interleaved ("normal") rope, so convert_hf_to_gguf.py
 # reorders the rows of q_proj / k_proj per head; Qwen2 runs NeoX rope on the HF layout as it is.
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
-# Rope variants llama.cpp reads from metadata (plus llama3's per-frequency factors as a tensor).
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# Rope variants llama.cpp reads from metadata (plus llama3's per-frequency factors as a tensor),
+# with the settings of each that the file carries; any other setting changes the computation
+# unless it holds the value llama.cpp assumes (ROPE_ASSUMED).
+ROPE_CARRIED = {
+    "default": {"rope_type", "rope_theta"},
+    "linear": {"rope_type", "rope_theta", "factor"},
+    "llama3": {"rope_type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+    "yarn": {"rope_type", "rope_theta", "factor", "original_max_position_embeddings"},
+}
+ROPE_TYPES = tuple(ROPE_CARRIED)
+ROPE_ASSUMED = {"beta_fast": 32, "beta_slow": 1, "partial_rotary_factor": 1.0, "truncate": True}
+# llama.cpp's llama and qwen2 graphs use SiLU in the MLP, whatever the file says.
+ACTIVATIONS = ("silu", "swish")
 
 
 @dataclass(frozen=True)
@@ -56,14 +70,55 @@ def check_architecture(config) -> str:
     rope = rope_parameters(config)
     if rope.get("rope_type", "default") not in ROPE_TYPES:
         raise ModelError(f"GGUF export cannot describe rope type {rope['rope_type']!r}; use --format hf")
-    return ARCHITECTURES[model_type][0]
+    arch = ARCHITECTURES[model_type][0]
+    problems = uncarried_settings(config, arch)
+    if problems:
+        raise ModelError(
+            f"GGUF export: {problems[0]}, so the file would compute something other than the model; "
+            "use --format hf (transformers and vLLM run the checkpoint as it is)"
+        )
+    return arch
+
+
+def sliding_window(config) -> Optional[int]:
+    """The window (in tokens) some layer of the model attends within, when it is shorter than the
+    context (Mistral 7B v0.1: 4096 of 32768; Qwen2 with use_sliding_window), else None."""
+    config = config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window) if window < config.max_position_embeddings else None
+
+
+def uncarried_settings(config, arch: str) -> list[str]:
+    """Settings that change what the model computes but that llama.cpp's `arch` graph would not
+    apply from this file: each says what it is (empty when the file carries everything)."""
+    config = config.get_text_config()
+    problems = []
+    window = sliding_window(config)
+    if window is not None:
+        problems.append(
+            f"this {config.model_type} model attends within a sliding window of {window} tokens (context {config.max_position_embeddings}), "
+            f"which llama.cpp's {arch} architecture does not apply: from token {window + 1} on it attends to every earlier token"
+        )
+    activation = getattr(config, "hidden_act", "silu")
+    if activation not in ACTIVATIONS:
+        problems.append(f"this model's MLP activation is {activation!r}, and llama.cpp's {arch} architecture always uses SiLU")
+    rope = rope_parameters(config)
+    carried = ROPE_CARRIED.get(rope["rope_type"], set())
+    for key, value in sorted(rope.items()):
+        if key not in carried and value is not None and ROPE_ASSUMED.get(key) != value:
+            problems.append(f"rope setting {key}={value!r} ({rope['rope_type']}) has no place in llama.cpp's {arch} metadata")
+    return problems
 
 
 def rope_parameters(config) -> dict:
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope = dict(rope)
     rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    rope["rope_type"] = rope.get("rope_type") or rope.get("type") or "default"
+    legacy_name = rope.pop("type", None)  # transformers 4's spelling, still in many configs
+    rope["rope_type"] = rope.get("rope_type") or legacy_name or "default"
     return rope
 
 

@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 
 from qlora_cli import rundir
-from qlora_cli.atomic import staged_folder
-from qlora_cli.errors import ModelError
+from qlora_cli.atomic import remove_stale_stagings, staged_folder
+from qlora_cli.errors import ModelError, library_message
 from qlora_cli.evaluate import drift
 from qlora_cli.export import gguf_check, gguf_writer
 from qlora_cli.merge.preflight import DTYPES, REPORT_NAME, check_disk_space, check_vocabulary, parse_formats, preflight
@@ -101,7 +101,7 @@ def merged_model(recipe: Recipe, run_dir: Path, base_mode: str, output_dtype: to
         rounding = update_rounding(model, output_dtype)
         merged = model.merge_and_unload(safe_merge=True)
     except (OSError, ValueError, RuntimeError, KeyError, NotImplementedError) as exc:
-        raise ModelError(f"cannot merge the adapter in {run_dir} into {recipe.model.path}: {str(exc).splitlines()[0][:300]}") from None
+        raise ModelError(f"cannot merge the adapter in {run_dir} into {recipe.model.path}: {library_message(exc)}") from None
     merged = merged.to(output_dtype)
     # A 16-bit load carries no quantization_config; drop any inherited one so nothing asks for bitsandbytes.
     if getattr(merged.config, "quantization_config", None) is not None:
@@ -155,6 +155,7 @@ def run_merge(
     output_dtype = DTYPES[dtype]
     # One writer per output folder (rundir.writer_lock), and the folder replaced whole or not at all.
     with rundir.writer_lock(output, "this merge"), staged_folder(output, "merging") as staging:
+        remove_stale_stagings(output, "merging", keep=staging)  # what killed merges left; the lock says none is running
         model, rounding = merged_model(recipe, run_dir, base_mode, output_dtype, tokenizer)
         parameters = sum(param.numel() for param in model.parameters())
         gguf_bytes = gguf_writer.expected_size(parameters, gguf_type) if "gguf" in chosen else 0

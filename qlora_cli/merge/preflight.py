@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -14,14 +13,14 @@ from typing import Optional
 import torch
 
 from qlora_cli import rundir
-from qlora_cli.errors import ConfigError, ModelError, ResourceError
+from qlora_cli.errors import ConfigError, ModelError, ResourceError, library_message
 from qlora_cli.export import gguf_writer
 from qlora_cli.model import loading
 from qlora_cli.model.adapters.registry import check_mergeable
 from qlora_cli.recipe.loader import load_recipe
 from qlora_cli.recipe.paths import is_local_path
 from qlora_cli.recipe.schema import Recipe
-from qlora_cli.train.storage import existing_ancestor
+from qlora_cli.train.storage import existing_ancestor, probe_writable
 
 BASE_MODES = ("original", "dequantized")
 FORMATS = ("hf", "gguf")
@@ -65,9 +64,7 @@ def check_output(output: Path, run_dir: Path, recipe: Recipe, force: bool) -> No
                 f"--force replaces an earlier qlora merge output (a folder with {REPORT_NAME}); --output {output} is not one: "
                 "choose a new or empty folder"
             )
-    parent = existing_ancestor(output.parent)
-    if not os.access(parent, os.W_OK):
-        raise ResourceError(f"--output {output}: {parent} is not writable; choose another folder")
+    probe_writable(output, "--output")  # also a parent that is a file, and /proc, which root "may" write
 
 
 def load_run_tokenizer(run_dir: Path, recipe: Recipe):
@@ -79,7 +76,7 @@ def load_run_tokenizer(run_dir: Path, recipe: Recipe):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(run_dir), trust_remote_code=recipe.model.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the tokenizer saved in {run_dir}: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"cannot load the tokenizer saved in {run_dir}: {library_message(exc)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

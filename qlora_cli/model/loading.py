@@ -6,13 +6,15 @@ nothing here subclasses transformers or peft.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from qlora_cli.errors import ConfigError, ModelError
+from qlora_cli.errors import ConfigError, ModelError, library_message
 from qlora_cli.recipe.paths import is_local_path
 from qlora_cli.recipe.schema import ModelSection, QuantizationSection, Recipe
 
@@ -95,6 +97,28 @@ def check_model_path(path: str) -> None:
             raise ConfigError(f"model.path {path} does not exist{hint}; give a model folder or a hub id like org/name")
         if not (folder / "config.json").is_file():
             raise ConfigError(f"model.path {path} has no config.json; point it at a Hugging Face model folder")
+        for weights in sorted(folder.glob("*.safetensors")):
+            problem = safetensors_problem(weights)
+            if problem:
+                raise ModelError(f"model.path {path}: {weights.name} {problem}; download or copy the model again")
+
+
+def safetensors_problem(file: Path) -> Optional[str]:
+    """Why a safetensors file cannot be whole (a download or copy cut short), from its header and
+    size alone, or None. Read before any load: safetensors itself fails deep in from_pretrained."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            header_length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or 8 + header_length > size:
+                return f"is truncated ({size:,} bytes, shorter than its own header)"
+            header = json.loads(handle.read(header_length))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        return f"is not a readable safetensors file ({library_message(exc)})"
+    if 8 + header_length + end > size:
+        return f"is truncated ({size:,} bytes of the {8 + header_length + end:,} its header describes)"
+    return None
 
 
 def load_tokenizer(model: ModelSection):
@@ -105,7 +129,7 @@ def load_tokenizer(model: ModelSection):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.path, revision=model.revision, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the tokenizer of {model.path}: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"cannot load the tokenizer of {model.path}: {library_message(exc)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -137,8 +161,23 @@ def load_base_model(recipe: Recipe, bits: Optional[int] = None):
             device_map=device_map(),
         )
     except (OSError, ValueError, ImportError) as exc:
-        raise ModelError(f"cannot load model {recipe.model.path}: {str(exc).splitlines()[0]}") from None
+        raise load_failure(f"model {recipe.model.path}", exc) from None
     return model
+
+
+# transformers refuses an attention implementation a model lacks with a paragraph whose advice is
+# Python (`attn_implementation="eager"`): Gemma 2 has no sdpa (its logit soft-capping), some
+# models no flash_attention_2.
+_ATTENTION_REFUSED = re.compile(r"does not support (an attention implementation|Flash Attention|flash_attention|sdpa)", re.IGNORECASE)
+
+
+def load_failure(what: str, exc: BaseException) -> ModelError:
+    """A failed from_pretrained as one whole line, with the recipe's fix where we know it."""
+    message = library_message(exc)
+    if _ATTENTION_REFUSED.search(message):
+        first_sentence = message.split(". ")[0].rstrip(".")
+        return ModelError(f"cannot load {what}: {first_sentence}; add --set model.attn_implementation=eager")
+    return ModelError(f"cannot load {what}: {message}")
 
 
 def prepare_for_training(model, gradient_checkpointing: bool):

@@ -138,18 +138,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _format_validation_error(exc: ValidationError, lines: dict[str, int], source: str) -> str:
+def _format_validation_error(exc: ValidationError, lines: dict[str, int], source: str, overrides: Optional[dict[str, str]] = None) -> str:
     error = exc.errors()[0]
     loc = [str(part) for part in error["loc"] if not str(part).startswith(("function-after", "literal[", "list["))]
     # Union branches add their type name to loc; drop those that are not keys of our schema.
     loc = [part for part in loc if part not in {"str", "int", "float", "bool"}]
     dotted = ".".join(loc)
-    line = None
-    probe = dotted
-    while probe and line is None:
-        line = lines.get(probe)
-        probe = probe.rpartition(".")[0]
-    where = f"{source} line {line}" if line else source
+    where = _where(dotted, lines, source, overrides or {})
     if error["type"] == "extra_forbidden":
         hint = suggest_key(dotted)
         tip = f"; did you mean `{hint}`?" if hint else "; see `qlora schema` for the valid keys"
@@ -166,12 +161,30 @@ def _format_validation_error(exc: ValidationError, lines: dict[str, int], source
     return f"{where}: `{dotted or 'recipe'}` {message[0].lower() + message[1:]}{shown}"
 
 
-def validate_recipe(data: dict, lines: Optional[dict[str, int]] = None, source: str = "recipe") -> Recipe:
-    """Validate a raw dict into a Recipe, raising a one-line ConfigError."""
+def _where(dotted: str, lines: dict[str, int], source: str, overrides: dict[str, str]) -> str:
+    """Where the value at `dotted` came from: the `--set` that gave it (or one of its sections),
+    else its line in the recipe file (or its nearest section's)."""
+    probe = dotted
+    while probe:
+        if probe in overrides:
+            return f"--set {overrides[probe]}"
+        probe = probe.rpartition(".")[0]
+    probe = dotted
+    while probe:
+        if probe in lines:
+            return f"{source} line {lines[probe]}"
+        probe = probe.rpartition(".")[0]
+    return source
+
+
+def validate_recipe(data: dict, lines: Optional[dict[str, int]] = None, source: str = "recipe", overrides: Optional[list[str]] = None) -> Recipe:
+    """Validate a raw dict into a Recipe, raising a one-line ConfigError (naming the `--set` that
+    gave a bad value, not a line of the file it replaced)."""
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, lines or {}, source)) from None
+        given = {".".join(parse_override(assignment)[0]): assignment for assignment in overrides or []}
+        raise ConfigError(_format_validation_error(exc, lines or {}, source, given)) from None
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -204,7 +217,7 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
         # A run directory is its own output.dir, also after it was moved or copied elsewhere.
         data["output"] = {**data["output"], "dir": str(run_dir)}
     data = apply_overrides(data, overrides or [])
-    return validate_recipe(data, lines, str(path))
+    return validate_recipe(data, lines, str(path), overrides)
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -75,7 +75,7 @@ def setup(recipe: Recipe, resume_from: Optional[Path], skipped: list[str], force
 
     output_dir = Path(recipe.output.dir)
     if here.is_main:
-        storage.check_free_space(recipe, storage.trainable_tensors(model), reclaimable=force)
+        storage.check_free_space(recipe, storage.trainable_tensors(model), reclaimable=force, tokenizer_bytes=storage.saved_size(tokenizer))
         if force and output_dir.exists():
             for item in rundir.entries(output_dir):  # all but the lock this run holds
                 shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
@@ -140,9 +140,16 @@ def fit(trainer, ready: Setup, resume_from: Optional[Path], stop: StopOnSignal, 
     finally:
         display.on_train_end(trainer.args, trainer.state, trainer.control)  # also after an error
     interrupted = stop.requested
-    if ready.eval_set is not None and not interrupted and guard.bad_step is None:
+    if ready.eval_set is not None and not interrupted and guard.bad_step is None and not evaluated_at_last_step(trainer.state):
         trainer.evaluate()
     return interrupted
+
+
+def evaluated_at_last_step(state) -> bool:
+    """Whether the Trainer already evaluated after the last step: with train.eval_steps set it always
+    does (at a multiple of eval_steps, or at the end when the last step is not one), and a second
+    pass over the same weights would only double the time the final evaluation takes."""
+    return any("eval_loss" in entry and entry.get("step") == state.global_step for entry in state.log_history)
 
 
 def publish(trainer, ready: Setup, meter: TokenMeter, guard: NonFiniteLossGuard, interrupted: bool, started: float,

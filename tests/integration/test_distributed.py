@@ -11,7 +11,8 @@ from qlora_cli import rundir
 from tests.conftest import DEMO_MODEL
 from tests.integration.conftest import qlora
 
-pytestmark = pytest.mark.integration
+# Two ranks each: one test at a time, on one worker with the other multi-process tests.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("multiprocess")]
 
 TWO_PROCESSES = [
     "--nproc", "2",

@@ -13,9 +13,8 @@ from typer.testing import CliRunner
 
 from qlora_cli.cli import app
 from qlora_cli.recipe.loader import load_recipe
-from tests.conftest import DEMO_MODEL, ROOT
+from tests.conftest import CONFIGS, DEMO_MODEL, ROOT
 
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 runner = CliRunner()
 
 

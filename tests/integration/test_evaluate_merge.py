@@ -1,41 +1,29 @@
-"""`qlora evaluate` and `qlora merge` end to end on the demo model (SmolLM2-135M, CPU): a
-3-step QLoRA run is merged both ways, the merged folder loads and generates with peft
-blocked, and evaluate puts base, adapter and merged side by side."""
+"""`qlora evaluate` and `qlora merge` end to end on the demo model (SmolLM2-135M, CPU): the
+session's short QLoRA demo run (tests/integration/conftest.py) is merged both ways, the merged
+folder loads and generates with peft blocked, and evaluate puts base, adapter and merged side by
+side. Nothing is written into the demo run: every output goes to tmp_path."""
 
 import json
 import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
 
-from qlora_cli.cli import app
-from tests.conftest import DEMO_MODEL, ROOT
+from tests.conftest import ROOT, invoke
 
 pytestmark = pytest.mark.integration
 
 
 def qlora(*args):
-    result = CliRunner().invoke(app, [str(arg) for arg in args])
+    """`qlora ARGS` in this process, which must succeed."""
+    result = invoke(*args)
     assert result.exit_code == 0, result.output
     return result
 
 
-@pytest.fixture(scope="module")
-def qlora_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("quick") / "run"
-    qlora(
-        "train", ROOT / "configs" / "quickstart.yaml",
-        "--set", f"model.path={DEMO_MODEL}",
-        "--set", f"data.train={ROOT / 'data/quickstart/train.jsonl'}",
-        "--set", f"data.eval={ROOT / 'data/quickstart/eval.jsonl'}",
-        "--set", "data.max_rows=24", "--set", "train.max_steps=3", "--set", "train.warmup_steps=0",
-        "--set", f"output.dir={run}",
-    )
-    return run
-
-
-def test_merge_both_ways_then_evaluate_side_by_side(qlora_run, tmp_path):
+def test_merge_both_ways_then_evaluate_side_by_side(demo_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the demo run's recipe names the demo model and data relative to the repository
+    qlora_run = demo_run
     dequantized = tmp_path / "merged-dequantized"
     qlora("merge", qlora_run, "--output", dequantized, "--base", "dequantized", "--verify-samples", "8")
     check = json.loads((dequantized / "merge_report.json").read_text())["verification"]

@@ -18,6 +18,7 @@ from qlora_cli.model import adapters, loading
 from qlora_cli.model.adapters import bottleneck
 from qlora_cli.recipe.loader import load_recipe, recipe_to_yaml, validate_recipe
 from qlora_cli.train.run import run_training
+from tests.conftest import losses
 
 METHOD_LR = {"lora": 3e-2, "ia3": 5e-2, "prompt_tuning": 5e-2, "prefix_tuning": 3e-2, "p_tuning": 3e-2, "bottleneck": 3e-2}
 
@@ -29,11 +30,6 @@ def method_recipe(recipe_dict, method, **adapter):
         del data["lora"]
     data["train"].update({"max_steps": 10, "learning_rate": METHOD_LR[method], "save_steps": 100})
     return data
-
-
-def losses(output_dir):
-    history = json.loads((output_dir / "metrics.json").read_text())["log_history"]
-    return [entry["loss"] for entry in history if "loss" in entry]
 
 
 def estimated(recipe):
@@ -49,7 +45,7 @@ def test_each_method_trains_and_its_count_matches_the_estimate(recipe_dict, meth
     data["quantization"] = {"bits": bits}
     recipe = validate_recipe(data)
     result = run_training(recipe, show_progress=False)
-    curve = losses(result.output_dir)
+    curve = list(losses(result.output_dir).values())
     assert curve[-1] < 0.8 * curve[0], curve
     assert result.metrics["trainable_params"] == estimated(recipe)
     # The run directory reloads (recipe.yaml without the unused sections) and its adapter loads on the base.

@@ -3,32 +3,8 @@ code, before anything is loaded or written."""
 
 import json
 
-import yaml
-from typer.testing import CliRunner
-
-from qlora_cli.cli import app
 from qlora_cli.merge import fold
-from tests.conftest import write_jsonl
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, code):
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
-
-
-def write_recipe(tmp_path, recipe: dict, name="recipe.yaml"):
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+from tests.conftest import invoke, one_line_error, write_jsonl, write_recipe
 
 
 def test_help_lists_commands():
@@ -117,7 +93,7 @@ def test_nproc_relaunches_the_same_command_through_torchrun(tmp_path, recipe_dic
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    result = runner.invoke(app, ["--debug", "validate", str(tmp_path / "nope.yaml")])
+    result = invoke("--debug", "validate", tmp_path / "nope.yaml")
     assert result.exit_code != 0 and result.exception is not None
 
 

@@ -5,18 +5,11 @@ import torch
 
 from qlora_cli.data.collate import PackingCollator, PaddingCollator, real_tokens
 from qlora_cli.data.formats import IGNORE_INDEX
-from tests.conftest import build_tiny_llama
-
-PAD = 2
-ROWS = [
-    {"input_ids": [5, 6, 7, 8, 2], "labels": [IGNORE_INDEX, IGNORE_INDEX, 7, 8, 2]},
-    {"input_ids": [9, 2], "labels": [IGNORE_INDEX, 2]},
-    {"input_ids": [10, 11, 12], "labels": [10, 11, 12]},
-]
+from tests.conftest import PAD_ID, TOKEN_ROWS, build_tiny_llama
 
 
 def test_padding_masks_come_from_lengths_not_pad_ids():
-    batch = PaddingCollator(pad_token_id=PAD)(ROWS)
+    batch = PaddingCollator(pad_token_id=PAD_ID)(TOKEN_ROWS)
     # Row 0 ends in a real eos (= pad id): it must stay attended and scored.
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]
     assert batch["labels"][0].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 7, 8, 2]
@@ -25,7 +18,7 @@ def test_padding_masks_come_from_lengths_not_pad_ids():
 
 
 def test_packing_resets_positions_and_masks_row_starts():
-    batch = PackingCollator()(ROWS)
+    batch = PackingCollator()(TOKEN_ROWS)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 2, 9, 2, 10, 11, 12]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 0, 1, 2]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 7, 8, 2, IGNORE_INDEX, 2, IGNORE_INDEX, 11, 12]]
@@ -45,10 +38,10 @@ def test_packing_does_not_change_per_token_loss():
     model = build_tiny_llama(vocab_size=32, seed=1)
     model.config._attn_implementation = "sdpa"
     with torch.no_grad():
-        padded = _per_token_losses(model, PaddingCollator(pad_token_id=PAD)(ROWS))
-        packed = _per_token_losses(model, PackingCollator()(ROWS))
-        whole_loss_padded = model(**PaddingCollator(pad_token_id=PAD)(ROWS), use_cache=False).loss
-        whole_loss_packed = model(**PackingCollator()(ROWS), use_cache=False).loss
+        padded = _per_token_losses(model, PaddingCollator(pad_token_id=PAD_ID)(TOKEN_ROWS))
+        packed = _per_token_losses(model, PackingCollator()(TOKEN_ROWS))
+        whole_loss_padded = model(**PaddingCollator(pad_token_id=PAD_ID)(TOKEN_ROWS), use_cache=False).loss
+        whole_loss_packed = model(**PackingCollator()(TOKEN_ROWS), use_cache=False).loss
     assert padded.shape == packed.shape == (6,)  # a row's first label is never predicted
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(whole_loss_packed, whole_loss_padded, rtol=1e-5, atol=1e-5)
@@ -57,7 +50,7 @@ def test_packing_does_not_change_per_token_loss():
 def test_packing_without_position_reset_would_differ():
     """Guards the test above: attention across rows does change the loss on this model."""
     model = build_tiny_llama(vocab_size=32, seed=1)
-    batch = PackingCollator()(ROWS)
+    batch = PackingCollator()(TOKEN_ROWS)
     continuous = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1])[None])
     with torch.no_grad():
         assert not torch.allclose(_per_token_losses(model, batch), _per_token_losses(model, continuous), atol=1e-4)

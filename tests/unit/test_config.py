@@ -1,15 +1,13 @@
 """Recipe parsing: defaults, overrides, and a one-line error for every kind of mistake."""
 
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from qlora_cli.errors import ConfigError
 from qlora_cli.recipe.loader import load_recipe, recipe_to_yaml, suggest_key, valid_keys
 from qlora_cli.recipe.schema import Recipe, recipe_schema
-
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+from tests.conftest import CONFIGS
 
 MINIMAL = """\
 model:

@@ -9,52 +9,51 @@ from qlora_cli.errors import ConfigError
 from qlora_cli.estimate import estimate, plan_from_recipe, resolve
 from qlora_cli.model.loading import build_quant_config
 from qlora_cli.train import distributed
-from tests.conftest import build_tiny_llama
-from tests.unit.test_train import recipe_from as recipe
+from tests.conftest import build_tiny_llama, recipe_from
 
 TWO = distributed.World(rank=0, local_rank=0, size=2)
 ONE = distributed.World(rank=0, local_rank=0, size=1)
 
 
 def test_single_process_adds_nothing(recipe_dict):
-    assert distributed.training_kwargs(recipe(recipe_dict), ONE, on_gpu=False) == {}
-    assert distributed.strategy(recipe(recipe_dict, distributed={"strategy": "fsdp"}), ONE) == "none"
+    assert distributed.training_kwargs(recipe_from(recipe_dict), ONE, on_gpu=False) == {}
+    assert distributed.strategy(recipe_from(recipe_dict, distributed={"strategy": "fsdp"}), ONE) == "none"
 
 
 def test_ddp_on_cpu_uses_gloo_and_skips_the_unused_parameter_search(recipe_dict):
-    kwargs = distributed.training_kwargs(recipe(recipe_dict), TWO, on_gpu=False)
+    kwargs = distributed.training_kwargs(recipe_from(recipe_dict), TWO, on_gpu=False)
     assert kwargs["ddp_backend"] == "gloo" and kwargs["use_cpu"] is True
     assert kwargs["ddp_find_unused_parameters"] is False
-    assert distributed.training_kwargs(recipe(recipe_dict), TWO, on_gpu=True)["ddp_backend"] == "nccl"
+    assert distributed.training_kwargs(recipe_from(recipe_dict), TWO, on_gpu=True)["ddp_backend"] == "nccl"
     with pytest.raises(ConfigError, match="nccl needs CUDA"):
-        distributed.training_kwargs(recipe(recipe_dict, distributed={"backend": "nccl"}), TWO, on_gpu=False)
+        distributed.training_kwargs(recipe_from(recipe_dict, distributed={"backend": "nccl"}), TWO, on_gpu=False)
 
 
 def test_fsdp_wraps_the_decoder_layer_class(recipe_dict):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(build_tiny_llama(vocab_size=32), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
-    kwargs = distributed.training_kwargs(recipe(recipe_dict, distributed={"strategy": "fsdp"}), TWO, on_gpu=True, model=model)
+    kwargs = distributed.training_kwargs(recipe_from(recipe_dict, distributed={"strategy": "fsdp"}), TWO, on_gpu=True, model=model)
     assert kwargs["fsdp"] == "full_shard auto_wrap"
     assert kwargs["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
-    offload = recipe(recipe_dict, distributed={"strategy": "fsdp", "fsdp_cpu_offload": True})
+    offload = recipe_from(recipe_dict, distributed={"strategy": "fsdp", "fsdp_cpu_offload": True})
     assert distributed.training_kwargs(offload, TWO, on_gpu=True, model=model)["fsdp"].endswith("offload")
 
 
 def test_fsdp_qlora_stores_4bit_weights_in_the_compute_dtype(recipe_dict):
-    fsdp = recipe(recipe_dict, quantization={"bits": 4}, distributed={"strategy": "fsdp"})
+    fsdp = recipe_from(recipe_dict, quantization={"bits": 4}, distributed={"strategy": "fsdp"})
     assert build_quant_config(fsdp.quantization, torch.bfloat16, sharded=True).bnb_4bit_quant_storage == torch.bfloat16
     assert build_quant_config(fsdp.quantization, torch.bfloat16).bnb_4bit_quant_storage == torch.uint8
     with pytest.raises(ConfigError, match="quant_storage"):
-        recipe(recipe_dict, quantization={"bits": 4, "quant_storage": "uint8"}, distributed={"strategy": "fsdp"})
+        recipe_from(recipe_dict, quantization={"bits": 4, "quant_storage": "uint8"}, distributed={"strategy": "fsdp"})
     with pytest.raises(ConfigError, match="8-bit"):
-        recipe(recipe_dict, quantization={"bits": 8}, distributed={"strategy": "fsdp"})
+        recipe_from(recipe_dict, quantization={"bits": 8}, distributed={"strategy": "fsdp"})
 
 
 def test_deepspeed_needs_a_readable_config(recipe_dict, tmp_path):
     with pytest.raises(ConfigError, match="deepspeed_config"):
-        recipe(recipe_dict, distributed={"strategy": "deepspeed"})
-    missing = recipe(recipe_dict, distributed={"strategy": "deepspeed", "deepspeed_config": str(tmp_path / "ds.json")})
+        recipe_from(recipe_dict, distributed={"strategy": "deepspeed"})
+    missing = recipe_from(recipe_dict, distributed={"strategy": "deepspeed", "deepspeed_config": str(tmp_path / "ds.json")})
     with pytest.raises(ConfigError, match="does not exist"):
         distributed.training_kwargs(missing, TWO, on_gpu=True)
     (tmp_path / "ds.json").write_text("{not json")
@@ -93,9 +92,9 @@ def test_nproc_relaunches_through_torchrun_and_refuses_inside_one(monkeypatch):
 
 def test_estimate_per_gpu_memory_under_ddp_and_fsdp(recipe_dict):
     arch = resolve("meta-llama/Llama-3.1-8B")
-    single = estimate(arch, plan_from_recipe(recipe(recipe_dict, quantization={"bits": 16})))
-    ddp = estimate(arch, plan_from_recipe(recipe(recipe_dict, quantization={"bits": 16}), processes=4))
-    fsdp = estimate(arch, plan_from_recipe(recipe(recipe_dict, quantization={"bits": 16}, distributed={"strategy": "fsdp"}), processes=4))
+    single = estimate(arch, plan_from_recipe(recipe_from(recipe_dict, quantization={"bits": 16})))
+    ddp = estimate(arch, plan_from_recipe(recipe_from(recipe_dict, quantization={"bits": 16}), processes=4))
+    fsdp = estimate(arch, plan_from_recipe(recipe_from(recipe_dict, quantization={"bits": 16}, distributed={"strategy": "fsdp"}), processes=4))
     assert ddp.breakdown["base_weights"] == single.breakdown["base_weights"]
     assert ddp.breakdown["gradients"] == 2 * single.breakdown["gradients"]  # DDP's buckets
     layer = (single.breakdown["base_weights"] - single.details["base_weights"]["embeddings + lm_head"]) // 32

@@ -5,15 +5,12 @@ of torch (and estimate of matplotlib) so they answer at once."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from typer.testing import CliRunner
 
 from qlora_cli.cli import app
 from qlora_cli.recipe.schema import recipe_schema
-
-ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+from tests.conftest import CONFIGS, ROOT
 
 
 def test_every_config_starts_with_the_schema_comment_pointing_at_the_checked_in_schema():

@@ -9,28 +9,7 @@ import pytest
 
 from qlora_cli.estimate import Plan, estimate, from_config, resolve
 from qlora_cli.estimate.activations import activation_parts, backward_working_bytes, layer_saved_bytes, logits_bytes, shared_saved_bytes
-from qlora_cli.estimate.memory import resolve_targets
-
-CPU_DROPOUT_MASK_EXTRA = 3  # bytes per LoRA input element: fp32 mask on CPU vs bool mask on CUDA
-
-
-def measured_saved_bytes(model, batch) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves during one forward pass."""
-    import torch
-
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            model(**batch)
-    return sum(storages.values())
+from tests.conftest import expected_cpu_bytes, measured_saved_bytes, random_batch
 
 
 def adapted_llama(attention: str, target_modules, dropout: float, **shape):
@@ -49,26 +28,6 @@ def adapted_llama(attention: str, target_modules, dropout: float, **shape):
     wrapped = get_peft_model(model, LoraConfig(r=8, target_modules=target_modules, lora_dropout=dropout))
     wrapped.train()
     return wrapped, from_config(config.to_dict(), "tiny", "test")
-
-
-def random_batch(plan: Plan, vocab_size: int) -> dict:
-    import torch
-
-    ids = torch.randint(0, vocab_size, (plan.micro_batch, plan.seq_len), generator=torch.Generator().manual_seed(0))
-    if plan.packing:
-        positions = torch.arange(plan.seq_len).repeat(plan.micro_batch).reshape(1, -1)
-        return {"input_ids": ids.reshape(1, -1), "labels": ids.reshape(1, -1), "position_ids": positions}
-    return {"input_ids": ids, "labels": ids}
-
-
-def expected_cpu_bytes(arch, plan: Plan) -> int:
-    """The formula's saved bytes without checkpointing, plus the loss's saved fp32 log_softmax."""
-    saved = activation_parts(arch, plan)["kept until backward"] + 4 * plan.tokens * arch.vocab_size
-    if plan.lora_dropout > 0:  # every mask the formula counts at 1 byte is 4 bytes on CPU
-        linears, _, _ = resolve_targets(arch, plan.target_modules)
-        masked = arch.num_layers * sum(l.in_features for l in linears) - sum(l.in_features for l in linears if l.role == "attn_in")
-        saved += CPU_DROPOUT_MASK_EXTRA * plan.tokens * masked
-    return saved
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """The estimate's parameter and byte counts against the libraries themselves: transformers builds
 the model from the same config, peft wraps it, bitsandbytes quantizes it, and the counts must agree
-exactly (the demo-model checks live in test_estimate_demo_model.py)."""
+exactly (the demo-model checks live in tests/integration/test_estimate_demo_model.py)."""
 
 from __future__ import annotations
 

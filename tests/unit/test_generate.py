@@ -8,8 +8,7 @@ from qlora_cli.evaluate import inference
 from qlora_cli.evaluate.generate import Generator, Prompt, parse_adapter_specs, parse_prompt, read_prompt_file, render
 from qlora_cli.model import loading
 from qlora_cli.recipe.loader import load_recipe
-from tests.unit.test_merge_methods import method_run
-from tests.unit.tiny_run import make_run
+from tests.unit.tiny_run import make_run, method_run
 
 
 def test_prompt_parsing(tmp_path):

@@ -11,8 +11,7 @@ from qlora_cli.errors import ConfigError
 from qlora_cli.model.kernels import fused_causal_lm_loss, linear_cross_entropy_sum, select_loss_kernel
 from qlora_cli.recipe.loader import validate_recipe
 from qlora_cli.train.run import run_training
-from tests.conftest import build_tiny_llama
-from tests.unit.test_collate import PAD, ROWS
+from tests.conftest import PAD_ID, TOKEN_ROWS, build_tiny_llama
 
 
 @pytest.mark.parametrize("weight_trains", [False, True])
@@ -52,12 +51,12 @@ def _lora_tiny_llama():
     return model
 
 
-@pytest.mark.parametrize("collator", [PackingCollator(), PaddingCollator(pad_token_id=PAD)], ids=["packed", "padded"])
+@pytest.mark.parametrize("collator", [PackingCollator(), PaddingCollator(pad_token_id=PAD_ID)], ids=["packed", "padded"])
 def test_fused_model_loss_equals_the_model_loss_and_its_gradients(collator):
     model = _lora_tiny_llama()
     kernel = select_loss_kernel("auto", model)
     assert kernel.name == "chunked"
-    batch = collator(ROWS)
+    batch = collator(TOKEN_ROWS)
     for num_items in (None, torch.tensor(9)):
         lora = [p for n, p in model.named_parameters() if p.requires_grad]
         expected = model(**batch, num_items_in_batch=num_items).loss if num_items is not None else model(**batch).loss

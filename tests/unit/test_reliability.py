@@ -9,11 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import TrainerCallback
-from typer.testing import CliRunner
 
-from qlora_cli.cli import app
 from qlora_cli.errors import TrainingError
 from qlora_cli.estimate.memory import Trainable
 from qlora_cli.model import loading
@@ -22,29 +19,18 @@ from qlora_cli.train import storage
 from qlora_cli.train.checkpointing import checkpoint_problem, checkpoints
 from qlora_cli.train.run import run_training
 from qlora_cli.train.trainer import QloraTrainer
-from tests.conftest import write_jsonl
-
-runner = CliRunner()
+from tests.conftest import TRAINING_PROGRESS, invoke, one_line_error, write_jsonl, write_recipe
 
 
-def write_recipe(recipe_dict, tmp_path, **train):
+def six_step_recipe(recipe_dict, tmp_path, **train):
+    """recipe.yaml of a 6-step run saving every step (train settings overridable); returns (file, run dir)."""
     data = json.loads(json.dumps(recipe_dict))
     data["train"].update({"max_steps": 6, "save_steps": 1, "learning_rate": 5e-3, **train})
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path, Path(data["output"]["dir"])
+    return write_recipe(tmp_path, data), Path(data["output"]["dir"])
 
 
 def train_cli(*args):
-    return runner.invoke(app, ["train", *map(str, args)])
-
-
-def one_line_error(result, code):
-    assert result.exit_code == code, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(("step ", "resuming from"))]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr  # training's progress lines aside
-    return lines[0]
+    return invoke("train", *args)
 
 
 def steps(run_dir):
@@ -64,7 +50,7 @@ def assert_resumes_from(run_dir, step):
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(recipe_dict, tmp_path, monkeypatch):
-    recipe, run_dir = write_recipe(recipe_dict, tmp_path)
+    recipe, run_dir = six_step_recipe(recipe_dict, tmp_path)
     compute_loss = QloraTrainer.compute_loss
 
     def nan_at_step_4(self, *args, **kwargs):
@@ -72,7 +58,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(recip
         return loss * float("nan") if self.state.global_step == 3 else loss
 
     monkeypatch.setattr(QloraTrainer, "compute_loss", nan_at_step_4)
-    line = one_line_error(train_cli(recipe), 7)
+    line = one_line_error(train_cli(recipe), 7, ignoring=TRAINING_PROGRESS)
     assert "loss became NaN/inf at step 4" in line and "checkpoint-3 is intact" in line
     assert "fp16" in line and "learning_rate" in line and "data row" in line
     assert steps(run_dir) == [2, 3] and all(checkpoint_problem(path) is None for path in checkpoints(run_dir))
@@ -121,7 +107,7 @@ def test_sigterm_is_handled_like_ctrl_c(recipe_dict, tmp_path):
 
 
 def test_resume_skips_a_damaged_checkpoint_and_refuses_when_none_is_intact(recipe_dict, tmp_path):
-    recipe, run_dir = write_recipe(recipe_dict, tmp_path, max_steps=4)
+    recipe, run_dir = six_step_recipe(recipe_dict, tmp_path, max_steps=4)
     assert train_cli(recipe).exit_code == 0 and steps(run_dir) == [3, 4]
     optimizer = run_dir / "checkpoint-4" / "optimizer.pt"
     optimizer.write_bytes(optimizer.read_bytes()[:100])  # cut off as a crash mid-write would
@@ -134,13 +120,13 @@ def test_resume_skips_a_damaged_checkpoint_and_refuses_when_none_is_intact(recip
 
     (run_dir / "checkpoint-3" / "trainer_state.json").unlink()
     (run_dir / "checkpoint-4" / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
-    line = one_line_error(train_cli(run_dir, "--resume"), 2)
+    line = one_line_error(train_cli(run_dir, "--resume"), 2, ignoring=TRAINING_PROGRESS)
     assert "no intact checkpoint" in line and "checkpoint-4 (unreadable adapter_model.safetensors)" in line
     assert "checkpoint-3 (missing trainer_state.json)" in line
 
 
 def test_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(recipe_dict, tmp_path, monkeypatch):
-    recipe, run_dir = write_recipe(recipe_dict, tmp_path)
+    recipe, run_dir = six_step_recipe(recipe_dict, tmp_path)
     real_save = torch.save
 
     def disk_full_at_step_3(obj, path, *args, **kwargs):
@@ -150,7 +136,7 @@ def test_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(recipe_dict,
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", disk_full_at_step_3)
-    line = one_line_error(train_cli(recipe), 5)
+    line = one_line_error(train_cli(recipe), 5, ignoring=TRAINING_PROGRESS)
     assert "cannot write checkpoint-3" in line and "No space left on device" in line and "checkpoint-2 is intact" in line
     assert steps(run_dir) == [1, 2] and all(checkpoint_problem(path) is None for path in checkpoints(run_dir))
     assert not (run_dir / "adapter_model.safetensors").exists()
@@ -163,7 +149,7 @@ def test_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(recipe_dict,
 def test_full_disk_while_writing_the_final_adapter(recipe_dict, tmp_path, monkeypatch):
     import peft.peft_model
 
-    recipe, run_dir = write_recipe(recipe_dict, tmp_path)
+    recipe, run_dir = six_step_recipe(recipe_dict, tmp_path)
     real_save_file = peft.peft_model.safe_save_file
 
     def disk_full_in_final_save(tensors, filename, *args, **kwargs):
@@ -172,7 +158,7 @@ def test_full_disk_while_writing_the_final_adapter(recipe_dict, tmp_path, monkey
         return real_save_file(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(peft.peft_model, "safe_save_file", disk_full_in_final_save)
-    line = one_line_error(train_cli(recipe), 5)
+    line = one_line_error(train_cli(recipe), 5, ignoring=TRAINING_PROGRESS)
     assert "cannot write the final adapter" in line and "checkpoint-6 is intact" in line
     assert not (run_dir / "adapter_model.safetensors").exists()
     assert_no_leftovers(run_dir)
@@ -182,10 +168,10 @@ def test_full_disk_while_writing_the_final_adapter(recipe_dict, tmp_path, monkey
 
 
 def test_not_enough_free_space_is_refused_before_anything_is_written(recipe_dict, tmp_path, monkeypatch):
-    recipe, run_dir = write_recipe(recipe_dict, tmp_path)
+    recipe, run_dir = six_step_recipe(recipe_dict, tmp_path)
     usage = storage.shutil.disk_usage(tmp_path)
     monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: usage._replace(free=2**20))
-    line = one_line_error(train_cli(recipe), 5)
+    line = one_line_error(train_cli(recipe), 5, ignoring=TRAINING_PROGRESS)
     assert "not enough disk space" in line and "0.00 GiB free" in line and "save_total_limit" in line
     assert not run_dir.exists()
 
@@ -206,8 +192,8 @@ def test_unwritable_output_dir_is_refused_before_training(recipe_dict, tmp_path)
     locked.mkdir()
     locked.chmod(0o555)
     try:
-        recipe, _ = write_recipe({**recipe_dict, "output": {"dir": str(locked / "run")}}, tmp_path)
-        line = one_line_error(train_cli(recipe), 5)
+        recipe, _ = six_step_recipe({**recipe_dict, "output": {"dir": str(locked / "run")}}, tmp_path)
+        line = one_line_error(train_cli(recipe), 5, ignoring=TRAINING_PROGRESS)
     finally:
         locked.chmod(0o755)
     assert f"cannot write in {locked}" in line and not (locked / "run").exists()
@@ -215,12 +201,12 @@ def test_unwritable_output_dir_is_refused_before_training(recipe_dict, tmp_path)
 
 def test_output_dir_under_proc_or_a_file_is_refused_before_training(recipe_dict, tmp_path):
     """/proc refuses new files even to root, so the write probe is tested whoever runs it."""
-    recipe, _ = write_recipe({**recipe_dict, "output": {"dir": "/proc/qlora-test/run"}}, tmp_path)
-    assert "cannot write in /proc" in one_line_error(train_cli(recipe), 5)
+    recipe, _ = six_step_recipe({**recipe_dict, "output": {"dir": "/proc/qlora-test/run"}}, tmp_path)
+    assert "cannot write in /proc" in one_line_error(train_cli(recipe), 5, ignoring=TRAINING_PROGRESS)
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    recipe, _ = write_recipe({**recipe_dict, "output": {"dir": str(blocker / "run")}}, tmp_path)
-    assert "is a file, not a directory" in one_line_error(train_cli(recipe), 5)
+    recipe, _ = six_step_recipe({**recipe_dict, "output": {"dir": str(blocker / "run")}}, tmp_path)
+    assert "is a file, not a directory" in one_line_error(train_cli(recipe), 5, ignoring=TRAINING_PROGRESS)
 
 
 def test_only_safetensors_weights_and_no_remote_code(recipe_dict, tmp_path, monkeypatch):

@@ -6,18 +6,11 @@ import json
 import re
 
 import pytest
-from typer.testing import CliRunner
 
-from qlora_cli.cli import app
 from qlora_cli.estimate import catalog
 from qlora_cli.recipe.loader import load_recipe, valid_keys
 from qlora_cli.recipe.schema import Recipe
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(arg) for arg in args])
+from tests.conftest import invoke
 
 
 def estimate_json(recipe_path, *gpu_args):

@@ -11,21 +11,9 @@ from transformers import TrainerCallback
 
 from qlora_cli.errors import ConfigError, ResourceError
 from qlora_cli.model import loading, quantized
-from qlora_cli.recipe.loader import validate_recipe
 from qlora_cli.train.checkpointing import checkpoints
 from qlora_cli.train.run import run_training
-
-
-def recipe_from(recipe_dict, **sections):
-    data = json.loads(json.dumps(recipe_dict))
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return validate_recipe(data)
-
-
-def losses(output_dir):
-    history = json.loads((output_dir / "metrics.json").read_text())["log_history"]
-    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+from tests.conftest import losses, recipe_from
 
 
 def test_training_lowers_loss_and_saves_a_peft_adapter(recipe_dict, tiny_model_dir):

@@ -1,7 +1,7 @@
-"""A finished run directory on the tiny Llama of tests/conftest.py, without training: the
-from qlora_cli.model import loading
-recipe, a LoRA adapter with random (non-zero) A and B so merging changes the outputs, the
-tokenizer, and eval data. Shared by the evaluate and merge tests.
+"""Finished run directories on the tiny Llama of tests/conftest.py, without training: the
+recipe, an adapter with random (non-zero) weights so merging changes the outputs, the tokenizer,
+and eval data. make_run writes a LoRA run, method_run a run of any other adapter method. Shared by
+the evaluate, merge, generate and GGUF tests.
 """
 
 from __future__ import annotations
@@ -61,5 +61,32 @@ def make_run(
     )
     model = get_peft_model(base, config)
     model.save_pretrained(folder)
+    loading.load_tokenizer(recipe.model).save_pretrained(folder)
+    return folder
+
+
+def method_run(folder: Path, model_dir: Path, method: str) -> Path:
+    """A run directory with a `method` adapter whose weights moved away from their initial values."""
+    import torch
+
+    from qlora_cli.model import adapters, loading
+    from qlora_cli.recipe.loader import recipe_to_yaml, validate_recipe
+
+    folder.mkdir(parents=True)
+    data = write_jsonl(folder.parent / "rows.jsonl", chat_rows())
+    recipe = validate_recipe({
+        "model": {"path": str(model_dir), "dtype": "float32"}, "quantization": {"bits": 16}, "adapter": {"method": method},
+        "data": {"train": str(data), "eval": str(data), "format": "chat", "max_seq_len": 64},
+        "output": {"dir": str(folder)},
+    })
+    (folder / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    torch.manual_seed(0)
+    adapter = adapters.attach(loading.prepare_for_training(loading.load_base_model(recipe), False), recipe)
+    model = adapter.model
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.3 * torch.randn_like(param))
+    adapter.save(folder)
     loading.load_tokenizer(recipe.model).save_pretrained(folder)
     return folder

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from qlora_cli.errors import ConfigError, ModelError
+from qlora_cli.errors import ConfigError, ModelError, library_message
 from qlora_cli.model import loading
 from qlora_cli.model.adapters import bottleneck, ia3, lora, prompts  # noqa: F401  (each registers its method)
 from qlora_cli.model.adapters.registry import METHODS, AdapterMethod, by_peft_type
@@ -94,13 +94,13 @@ def attach(model, recipe: Recipe) -> Adapter:
         names = [name for name, _ in model.named_modules()]
         model = get_peft_model(model, method.peft_config(recipe, unfrozen, model.config.model_type, names))
     except (ValueError, TypeError) as exc:
-        message = str(exc).splitlines()[0]
+        message = library_message(exc)
         if "not found in the base model" in message or "Target modules" in message:
             raise ConfigError(
                 f"the {method.name} target modules match no layer of this model; "
                 f"its linear layers are: {', '.join(loading.linear_module_names(model))}"
             ) from None
-        raise ModelError(f"cannot attach the {method.name} adapter: {message[:300]}") from None
+        raise ModelError(f"cannot attach the {method.name} adapter: {message}") from None
     initial = lora.special_init(model, recipe) if method.name == "lora" else None
     return Adapter(model, method, None, unfrozen, initial)
 
@@ -146,7 +146,7 @@ def load_adapters(model, adapters: list[tuple[str, Path]]) -> LoadedAdapters:
             else:
                 model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise ModelError(f"cannot load the adapter in {folder}: {str(exc).splitlines()[0][:300]}") from None
+            raise ModelError(f"cannot load the adapter in {folder}: {library_message(exc)}") from None
     return LoadedAdapters(model, kinds)
 
 

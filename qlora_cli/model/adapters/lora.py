@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from qlora_cli.errors import ModelError
+from qlora_cli.errors import ModelError, library_message
 from qlora_cli.model.adapters.registry import AdapterMethod, register
 from qlora_cli.recipe.schema import LoraSection
 
@@ -49,7 +49,7 @@ def special_init(model, recipe) -> Optional[Path]:
             path = Path(recipe.model.path).expanduser()
             replace_lora_weights_loftq(model, model_path=str(path) if path.is_dir() else None)
         except (ValueError, OSError, TypeError) as exc:
-            raise ModelError(f"LoftQ initialisation failed: {str(exc).splitlines()[0][:300]} (it needs the base's safetensors in a local folder)") from None
+            raise ModelError(f"LoftQ initialisation failed: {library_message(exc)} (it needs the base's safetensors in a local folder)") from None
     elif recipe.lora.init in ("pissa", "olora"):
         # The adapter starts from principal (PiSSA) / orthonormal (OLoRA) directions taken out of the base
         # weights; saving it converted against this starting point gives a plain LoRA on the original base.

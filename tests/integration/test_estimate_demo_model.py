@@ -1,5 +1,5 @@
 """The estimate against the real demo model (SmolLM2-135M-Instruct) loaded the way training loads
-it (modeling.load_base_model): weight bytes in 4-bit and 16-bit, peft's trainable count for several
+it (model.loading.load_base_model): weight bytes in 4-bit and 16-bit, peft's trainable count for several
 adapters, and the activations autograd saves. Skipped when `qlora demo-model` has not been run."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from qlora_cli.estimate import Plan, plan_from_recipe, resolve
 from qlora_cli.estimate.memory import base_weight_bytes, trainable_params
 from qlora_cli.recipe.loader import validate_recipe
 from qlora_cli.recipe.schema import LoraSection
-from tests.conftest import DEMO_MODEL
+from tests.conftest import DEMO_MODEL, expected_cpu_bytes, measured_saved_bytes, random_batch
 
-pytestmark = pytest.mark.skipif(not DEMO_MODEL.is_dir(), reason="demo model missing: run `qlora demo-model`")
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(not DEMO_MODEL.is_dir(), reason="demo model missing: run `qlora demo-model`")]
 
 
 def demo_recipe(**quantization):
@@ -106,7 +106,6 @@ def test_saved_activations_match_autograd_on_the_demo_model(bf16_model):
 
     from qlora_cli.model.adapters.lora import build_lora_config
     from qlora_cli.model.loading import prepare_for_training
-    from tests.unit.test_estimate_activations import expected_cpu_bytes, measured_saved_bytes, random_batch
 
     model = prepare_for_training(copy.deepcopy(bf16_model), gradient_checkpointing=False)
     wrapped = get_peft_model(model, build_lora_config(LoraSection(r=16, target_modules="all-linear", dropout=0.05)))

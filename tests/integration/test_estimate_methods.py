@@ -1,6 +1,6 @@
 """`qlora estimate`'s trainable-parameter arithmetic for every method against what peft (or our
 bottleneck adapter) creates on the real demo model (SmolLM2-135M: 30 layers, hidden 576, GQA 9/3
-heads). The tiny-model counts are checked against training in test_adapters.py."""
+heads). The tiny-model counts are checked against training in tests/unit/test_adapters.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from qlora_cli.model.loading import count_parameters, load_base_model, prepare_f
 from qlora_cli.recipe.loader import validate_recipe
 from tests.conftest import DEMO_MODEL
 
-pytestmark = pytest.mark.skipif(not DEMO_MODEL.is_dir(), reason="demo model missing: run `qlora demo-model`")
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(not DEMO_MODEL.is_dir(), reason="demo model missing: run `qlora demo-model`")]
 
 CASES = {
     "ia3": {"method": "ia3"},
