@@ -38,7 +38,8 @@ def preflight(
     output_dir = Path(recipe.output.dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ResourceError(f"output.dir {output_dir} is a file; choose a directory path")
-    rundir.check_unlocked(output_dir, "this run")
+    if here.is_main:  # rank 0 holds the lock for the whole job; the other ranks are part of its run
+        rundir.check_unlocked(output_dir, "this run")
     occupied = output_dir.is_dir() and bool(rundir.entries(output_dir))
     if resume:
         storage.probe_writable(output_dir)
