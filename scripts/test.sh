@@ -9,9 +9,10 @@
 #                              or a path (`scripts/test.sh tests/unit/test_cli.py`; with --fast too)
 #
 # Tests run on QLORA_TEST_WORKERS pytest-xdist workers (default 2, one per core of this project's
-# machines; 0 runs them in this process), each torch on one thread. tests/conftest.py keeps the
-# readers of the shared demo run on one worker (xdist_group) and runs the tests marked `alone`
-# (signal and kill timing) with the other worker idle.
+# machines; 0 runs them in this process), each torch on QLORA_TEST_THREADS threads (default 1: two
+# threads per worker measured 1.5x slower here). tests/conftest.py keeps the readers of the shared
+# demo run on one worker and the multi-process tests on one worker (xdist_group), and runs the tests
+# marked `alone` (signal and kill timing) last, with the other worker idle.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

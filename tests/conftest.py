@@ -6,9 +6,8 @@ Helpers used by more than one test module live here, as plain functions imported
 `from tests.conftest import ...` (a test module never imports from another test module);
 tests/unit/tiny_run.py builds finished run directories without training.
 
-Under pytest-xdist (scripts/test.sh runs `-n 2 --dist loadgroup`): each worker runs torch on one
-thread (so do the commands it starts), the tests of one shared demo run stay on one worker, and a
-test marked `alone` runs while no other test runs on any worker (see pytest_runtest_protocol).
+Under pytest-xdist (scripts/test.sh runs `-n 2 --dist loadgroup`) see "running under pytest-xdist"
+at the end: one torch thread per worker, test groups, tests that run alone.
 """
 
 from __future__ import annotations
@@ -206,7 +205,7 @@ def expected_cpu_bytes(arch, plan) -> int:
     saved = activation_parts(arch, plan)["kept until backward"] + 4 * plan.tokens * arch.vocab_size
     if plan.lora_dropout > 0:  # every mask the formula counts at 1 byte is 4 bytes on CPU
         linears, _, _ = resolve_targets(arch, plan.target_modules)
-        masked = arch.num_layers * sum(l.in_features for l in linears) - sum(l.in_features for l in linears if l.role == "attn_in")
+        masked = arch.num_layers * sum(linear.in_features for linear in linears) - sum(linear.in_features for linear in linears if linear.role == "attn_in")
         saved += CPU_DROPOUT_MASK_EXTRA * plan.tokens * masked
     return saved
 
@@ -230,6 +229,15 @@ def recipe_dict(tiny_model_dir, tmp_path):
 
 
 # ---- running under pytest-xdist ---------------------------------------------------------------
+#
+# scripts/test.sh runs `-n 2 --dist loadgroup`. Each worker runs torch on one thread, and so do the
+# commands its tests start. The tests of one `xdist_group` run on one worker, one after another:
+# the readers of the session's demo run (marked here, so it is trained once) and the tests that
+# start several processes. pytest 9.2 ignores pytest-xdist 3.8's way of passing a test's group to
+# the scheduler (an "@group" suffix on its node id, pytest-xdist issue #1386), so the workers write
+# the groups they collected to a file that the scheduler below reads. A test marked `alone` runs
+# while no other test runs on any worker, and no two tests of one group ever run at once, whichever
+# scheduler is used (see _turn).
 
 
 def xdist_worker() -> str | None:
@@ -237,20 +245,38 @@ def xdist_worker() -> str | None:
     return os.environ.get("PYTEST_XDIST_WORKER")
 
 
+def _run_file(uid: str, suffix: str) -> Path:
+    """A file of this xdist run, shared by the controller and its workers."""
+    return Path(tempfile.gettempdir()) / f"qlora-tests-{uid}.{suffix}"
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "alone: under pytest-xdist, runs while no other test runs on any worker (signal and kill timing)")
-    config.addinivalue_line("markers", "xdist_group(name): under --dist loadgroup, the tests of one group run on one worker, one after another")
+    config.addinivalue_line("markers", "xdist_group(name): under pytest-xdist, the tests of one group run on one worker, one after another")
     if xdist_worker():
-        # Two workers share the cores: one torch thread each, and one for every process a test
-        # starts (qlora subprocesses, forkserver children; torchrun sets 1 for its ranks anyway).
         threads = os.environ.get("QLORA_TEST_THREADS", "1")
         os.environ["OMP_NUM_THREADS"] = threads
         import torch
 
         torch.set_num_threads(int(threads))
+    elif getattr(config.option, "numprocesses", None) and getattr(config.option, "testrunuid", "") is None:
+        import uuid
+
+        config.option.testrunuid = uuid.uuid4().hex  # known here and (as PYTEST_XDIST_TESTRUNUID) in the workers
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_unconfigure(config):
+    uid = getattr(config.option, "testrunuid", None)
+    if uid and not xdist_worker():
+        for leftover in _run_file(uid, "x").parent.glob(f"qlora-tests-{uid}.*"):
+            leftover.unlink(missing_ok=True)
+
+
+def _groups(item) -> list[str]:
+    return sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default")) for mark in item.iter_markers("xdist_group")})
+
+
+@pytest.hookimpl(tryfirst=True)  # the groups are marked before pytest-xdist looks for them
 def pytest_collection_modifyitems(config, items):
     import torch
 
@@ -264,27 +290,65 @@ def pytest_collection_modifyitems(config, items):
         if "demo_run" in getattr(item, "fixturenames", ()):
             # The session's demo run is trained once per worker that needs it: keep its readers on one.
             item.add_marker(pytest.mark.xdist_group("demo_run"))
+        if item.get_closest_marker("alone"):
+            item.add_marker(pytest.mark.xdist_group("alone"))  # scheduled last: see pytest_xdist_make_scheduler
+    worker = xdist_worker()
+    if worker:
+        groups = {item.nodeid: "_".join(names) for item in items if (names := _groups(item))}
+        path = _run_file(os.environ["PYTEST_XDIST_TESTRUNUID"], f"groups-{worker}.json")
+        path.with_suffix(".tmp").write_text(json.dumps(groups))
+        path.with_suffix(".tmp").replace(path)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown without it
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadgroup, with the groups the workers wrote (a worker writes them before it reports
+    its collection, and the scheduler splits the tests once every worker has reported). The largest
+    groups go first (xdist's order); the `alone` tests go last, when the other worker has only a
+    few short unit tests left to finish before they may start."""
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class CollectedGroups(LoadGroupScheduling):
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:
+                written = sorted(_run_file(config.option.testrunuid, "x").parent.glob(f"qlora-tests-{config.option.testrunuid}.groups-*.json"))
+                self.groups = json.loads(written[0].read_text()) if written else {}
+            return self.groups.get(nodeid) or super()._split_scope(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            if "alone" in self.workqueue:
+                self.workqueue.move_to_end("alone")
+            super()._assign_work_unit(node)
+
+    return CollectedGroups(config, log)
 
 
 @contextlib.contextmanager
-def _turn(config, exclusive: bool):
-    """Under xdist: a shared lock around every test, an exclusive one around `alone` tests. A waiting
-    exclusive test holds the gate, so the other worker's next tests wait behind it instead of
-    starving it. The lock files lie in the run's base temporary folder, which all workers share."""
+def _turn(item):
+    """Under xdist: a shared lock around every test and an exclusive one around `alone` tests (a
+    waiting exclusive test holds the gate, so the other worker's next tests queue behind it instead
+    of starving it); then one lock per xdist_group the test belongs to."""
     import fcntl
 
-    folder = Path(config.option.basetemp).parent if config.option.basetemp else Path(tempfile.gettempdir())
-    base = folder / f"qlora-tests-{os.environ.get('PYTEST_XDIST_TESTRUNUID', 'run')}"
-    with open(f"{base}.gate", "a") as gate, open(f"{base}.lock", "a") as lock:
+    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID", "run")
+    with contextlib.ExitStack() as held:
+        gate = held.enter_context(open(_run_file(uid, "gate"), "a"))
+        lock = held.enter_context(open(_run_file(uid, "lock"), "a"))
         fcntl.flock(gate, fcntl.LOCK_EX)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            fcntl.flock(lock, fcntl.LOCK_EX if item.get_closest_marker("alone") else fcntl.LOCK_SH)
         finally:
             fcntl.flock(gate, fcntl.LOCK_UN)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        held.callback(fcntl.flock, lock, fcntl.LOCK_UN)
+        for name in _groups(item):
+            group = held.enter_context(open(_run_file(uid, f"group-{name}"), "a"))
+            fcntl.flock(group, fcntl.LOCK_EX)
+            held.callback(fcntl.flock, group, fcntl.LOCK_UN)
+        yield
 
 
 @pytest.hookimpl(wrapper=True)
@@ -292,5 +356,5 @@ def pytest_runtest_protocol(item, nextitem):
     """Setup (session and module fixtures included), call and teardown of each test inside its turn."""
     if not xdist_worker():
         return (yield)
-    with _turn(item.config, exclusive=item.get_closest_marker("alone") is not None):
+    with _turn(item):
         return (yield)

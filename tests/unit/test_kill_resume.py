@@ -23,10 +23,9 @@ from qlora_cli.rundir import STAGING_PREFIX
 from qlora_cli.train.checkpointing import checkpoint_problem
 from tests.conftest import write_jsonl
 
-# Its kills land on training steps and checkpoint writes as they happen: under pytest-xdist it runs
-# with the other worker idle (`alone`, tests/conftest.py), and on one worker with the other tests
-# that start several processes.
-pytestmark = [pytest.mark.alone, pytest.mark.xdist_group("multiprocess")]
+# Its kills land on training steps and checkpoint writes as they happen: under pytest-xdist no other
+# test runs meanwhile, on any worker (`alone`, tests/conftest.py).
+pytestmark = pytest.mark.alone
 
 # Each of the three kills below lands within a few steps of its process's first logged step, so
 # the run is still going at every kill: three kills always mean three resumes.
