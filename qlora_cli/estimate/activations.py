@@ -72,8 +72,8 @@ def layer_saved_bytes(arch: Architecture, plan: Plan) -> int:
     mask_byte = 1 if plan.lora_dropout > 0 else 0
     for in_features, out_features in lora:
         total += T * in_features * (a + mask_byte) + T * plan.lora_r * a + a * plan.lora_r * (in_features + out_features)
-        if plan.use_dora:  # DoRA rescales base and LoRA outputs: both kept for the magnitude gradient
-            total += 2 * a * T * out_features
+        if plan.use_dora:  # DoRA rescales base and LoRA outputs (fp32, peft's adapter dtype): both kept for the magnitude gradient
+            total += 2 * 4 * T * out_features
     total += attention_saved_bytes(arch, plan)
     if arch.experts:  # top-k experts per token, each a SwiGLU on its tokens, plus the routing weights
         top_k = arch.experts_per_token
@@ -94,7 +94,8 @@ def shared_saved_bytes(arch: Architecture, plan: Plan) -> int:
     nothing while the embeddings are frozen."""
     a, T = plan.dtype_bytes, plan.tokens
     total = 4 * T * (arch.hidden_size + 1) + 2 * a * T * arch.head_dim + 8 * T
-    if "embed_tokens" not in plan.modules_to_save:
+    if "embed_tokens" not in plan.modules_to_save and not plan.gradient_checkpointing:
+        # (with checkpointing no layer's set is kept, so there is nothing of the first one to take off)
         total -= 4 * T * (arch.hidden_size + 1)
         if plan.lora_dropout > 0 and plan.method == "lora":
             linears, _, _ = resolve_targets(arch, plan.target_modules)
@@ -125,7 +126,17 @@ def backward_working_bytes(arch: Architecture, plan: Plan) -> int:
     working = 2 * a * T * arch.hidden_size + 2 * a * T * arch.intermediate_size
     if plan.attention == "eager":
         working += 4 * arch.num_heads * _scores_area(plan)
-    return working + largest_dequantized_weight(arch, plan)
+    return working + largest_dequantized_weight(arch, plan) + dora_weight_bytes(arch, plan)
+
+
+def dora_weight_bytes(arch: Architecture, plan: Plan) -> int:
+    """DoRA's weight norm (peft lora/dora.py) builds full-size weights in the fp32 adapter dtype for
+    each adapted layer in turn: B @ A (via an in x in identity), the dequantized base cast to fp32,
+    and their scaled sum: 3 fp32 weights plus the identity, for the largest adapted linear."""
+    if not plan.use_dora or plan.method != "lora":
+        return 0
+    linears, _, _ = resolve_targets(arch, plan.target_modules)
+    return max((4 * (3 * l.in_features * l.out_features + l.in_features**2) for l in linears), default=0)
 
 
 CHUNK_LOGIT_BYTES = 256 * 2**20  # = qlora_cli.kernels.CHUNK_LOGIT_BYTES (that module imports torch)
@@ -134,10 +145,10 @@ UNFUSABLE = {"gemma2", "gemma3_text", "cohere", "cohere2"}  # soft-capped or sca
 
 def fused_loss_bytes(arch: Architecture, plan: Plan) -> int:
     """Peak of the chunked linear cross-entropy (kernels.LinearCrossEntropy): one chunk's fp32
-    logits, turned into their gradient in place, plus its copy in the compute dtype, and the
-    gradient of the final hidden states it hands to backward (a*T*h)."""
+    logits, turned into their gradient in place, plus its copy in the compute dtype, the final
+    hidden states it reads and the gradient it hands to backward (2*a*T*h)."""
     chunk = min(plan.tokens, max(64, CHUNK_LOGIT_BYTES // (4 * arch.vocab_size)))
-    return chunk * arch.vocab_size * (4 + plan.dtype_bytes) + plan.dtype_bytes * plan.tokens * arch.hidden_size
+    return chunk * arch.vocab_size * (4 + plan.dtype_bytes) + 2 * plan.dtype_bytes * plan.tokens * arch.hidden_size
 
 
 def logits_bytes(arch: Architecture, plan: Plan) -> int:

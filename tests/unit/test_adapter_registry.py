@@ -8,7 +8,7 @@ import typing
 
 import pytest
 
-from qlora_cli.estimate import measure
+from qlora_cli.estimate import measure, step
 from qlora_cli.estimate.methods import METHOD_TENSORS
 from qlora_cli.model.adapters import registry
 from qlora_cli.recipe.adapter_section import METHOD_SECTIONS, PROMPT_METHODS, Method
@@ -32,7 +32,8 @@ def test_every_method_builds_by_peft_or_by_itself_and_says_whether_it_merges():
 
 
 def test_estimate_measure_builds_the_model_train_builds(tmp_path, monkeypatch):
-    """Both paths call train/run.py's build_model (the one function); measure then stops at the GPU check."""
+    """measure, trace and train all build through train/run.py's build_model (estimate/step.py is the one
+    caller on the estimate side)."""
     recipe = validate_recipe({"model": {"path": str(tmp_path)}, "data": {"train": "x.jsonl", "format": "text"}, "output": {"dir": str(tmp_path / "run")}})
     calls = []
 
@@ -43,12 +44,12 @@ def test_estimate_measure_builds_the_model_train_builds(tmp_path, monkeypatch):
         calls.append(seen)
         raise Built
 
-    monkeypatch.setattr(measure, "build_model", build_model)
+    monkeypatch.setattr(step, "build_model", build_model)
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     with pytest.raises(Built):
         measure.measure_peak(recipe)
     assert calls == [recipe]
-    assert measure.build_model is build_model and run.build_model.__module__ == "qlora_cli.train.run"
+    assert step.build_model is build_model and run.build_model.__module__ == "qlora_cli.train.run"
     import inspect
 
     assert "build_model(recipe)" in inspect.getsource(run.setup), "train's setup must build through build_model"
