@@ -44,7 +44,7 @@ GRID = [
     ("llama", {"seq": 1024, "bits": 16, "ckpt": False, "loss": "standard"}),
     ("llama", {"seq": 1024, "method": "dora"}),
     ("llama", {"seq": 1024, "method": "ia3"}),
-    ("llama", {"seq": 1024, "method": "prefix_tuning", "packing": False}),
+    ("llama", {"seq": 1024, "method": "prefix_tuning", "packing": False, "ckpt": False}),
     ("llama", {"seq": 1024, "method": "bottleneck"}),
     ("llama", {"seq": 4096, "mb": 4, "ckpt": False, "loss": "standard"}),
     ("mistral", {"seq": 1024}),
@@ -84,12 +84,13 @@ def recipe_for(folder: Path, row: dict):
         "model": {"path": str(folder), "dtype": "bfloat16", "attn_implementation": row.get("attn", "sdpa")},
         "quantization": {"bits": row.get("bits", 4)},
         "adapter": adapter,
-        "lora": {"r": 8, "dropout": 0.05, "use_dora": method == "dora"},
         "data": {"train": "(grid)", "format": "text", "max_seq_len": row.get("seq", 128), "packing": row.get("packing", True)},
         "train": {"micro_batch_size": row.get("mb", 1), "gradient_checkpointing": row.get("ckpt", True),
                   "loss_kernel": row.get("loss", "chunked"), "optimizer": "paged_adamw_8bit"},
         "output": {"dir": "(grid)"},
     }
+    if adapter["method"] == "lora":
+        recipe["lora"] = {"r": 8, "dropout": 0.05, "use_dora": method == "dora"}
     return validate_recipe(recipe, source="estimate grid")
 
 
@@ -110,7 +111,7 @@ def run_row(family: str, row: dict, cache: Path) -> dict:
     result = estimate(resolve(str(folder)), plan_from_recipe(recipe))
     estimated = sum(v for k, v in result.breakdown.items() if k not in DEVICE_TERMS)
     return {"config": describe(family, row), "traced": traced.peak, "estimated": estimated, "error": estimated / traced.peak - 1,
-            "phase": traced.phase_at_peak, "terms": traced.as_estimate_terms(), "breakdown": result.breakdown, "seconds": seconds}
+            "phase": traced.phase_at_peak, "terms": traced.as_estimate_terms(), "largest": traced.largest, "breakdown": result.breakdown, "seconds": seconds}
 
 
 def table(results: list[dict]) -> str:
@@ -142,6 +143,7 @@ def main() -> None:
         terms = {k: round(v / MIB, 3) for k, v in result["terms"].items()}
         shown = {k: round(v / MIB, 3) for k, v in result["breakdown"].items() if k not in DEVICE_TERMS}
         print(f"     trace {terms}\n     est   {shown}", flush=True)
+        print("     largest at the peak: " + ", ".join(f"{size / MIB:.2f} {term} {op}" for size, term, op in result["largest"]), flush=True)
     text = table(results)
     print(text)
     if args.write:

@@ -16,6 +16,7 @@ import typer
 from qlora_cli.cli.console import out
 from qlora_cli.errors import ConfigError
 from qlora_cli.estimate import GIB, Estimate, Gpu, Verdict, estimate, parse_memory, plan_from_recipe, resolve, resolve_gpu, verdict
+from qlora_cli.estimate.advice import MIN_USEFUL_SEQ, safety_margin, solve
 from qlora_cli.estimate.catalog import GPUS
 from qlora_cli.estimate.gpu import cards_that_fit
 from qlora_cli.recipe.loader import apply_overrides, load_recipe, validate_recipe
@@ -78,7 +79,8 @@ def _gib(value: int) -> float:
     return round(value / GIB, 2)
 
 
-def to_json(result: Estimate, judged: Optional[Verdict], measured: Optional[dict] = None) -> dict:
+def to_json(result: Estimate, judged: Optional[Verdict], measured: Optional[dict] = None, traced: Optional[dict] = None,
+            solved: Optional[dict] = None) -> dict:
     """The machine-readable estimate: total_gib, gpu_gib, fits and breakdown (name -> GiB) at least."""
     plan = dataclasses.asdict(result.plan)
     plan["target_modules"] = result.plan.target_modules if isinstance(result.plan.target_modules, str) else list(result.plan.target_modules)
@@ -96,6 +98,8 @@ def to_json(result: Estimate, judged: Optional[Verdict], measured: Optional[dict
         "gpu": judged.gpu.name if judged else None,
         "gpu_gib": _gib(judged.gpu.bytes) if judged else None,
         "fits": judged.fits if judged else None,
+        "verdict": judged.state if judged else None,
+        "safety_margin_gib": _gib(safety_margin(result.total)),
         "headroom_gib": _gib(judged.headroom) if judged else None,
         "fits_with_paging": judged.fits_with_paging if judged else None,
         "suggestions": [{"change": s.change, "total_gib": _gib(s.total), "fits": s.fits} for s in judged.suggestions] if judged else [],
@@ -105,7 +109,40 @@ def to_json(result: Estimate, judged: Optional[Verdict], measured: Optional[dict
     }
     if measured is not None:
         payload["measured"] = measured
+    if traced is not None:
+        payload["traced"] = traced
+    if solved is not None:
+        payload["solved"] = solved
     return payload
+
+
+SOLVABLE = {"max_seq_len": "data.max_seq_len", "micro_batch_size": "train.micro_batch_size"}
+
+
+def _solve(result: Estimate, card: Optional[Gpu], field: str) -> dict:
+    """The largest value of `field` that fits the card with the safety margin (None: none does)."""
+    if field not in SOLVABLE:
+        raise ConfigError(f"--solve {field!r}: give max_seq_len or micro_batch_size")
+    if card is None:
+        raise ConfigError(f"--solve {field} needs a card: add --gpu NAME or --gpu-memory SIZE")
+    value = solve(result.arch, result.plan, card.bytes, field)
+    changes = {"seq_len": value} if field == "max_seq_len" else {"micro_batch": value}
+    total = estimate(result.arch, result.plan.with_changes(**changes)).total if value else None
+    return {"field": field, "key": SOLVABLE[field], "value": value, "total_gib": _gib(total) if total else None}
+
+
+def _trace(config, result: Estimate) -> dict:
+    """One real step traced here, against the estimate without its device terms in the trace's dtype."""
+    # The tracer loads torch and the model: imported when the command runs with --trace, so the estimate stays fast.
+    from qlora_cli.estimate.trace import trace_step
+
+    traced = trace_step(config)
+    plan = result.plan.with_changes(dtype_bytes=4 if traced.dtype == "float32" else 2)
+    same = estimate(result.arch, plan).breakdown
+    allocated = sum(v for k, v in same.items() if k not in ("allocator_overhead", "cuda_context"))
+    return {"peak_gib": traced.peak / GIB, "estimated_gib": allocated / GIB, "error_pct": 100 * (allocated / traced.peak - 1),
+            "dtype": traced.dtype, "device": traced.device, "terms_gib": {k: v / GIB for k, v in traced.as_estimate_terms().items()},
+            "notes": traced.notes}
 
 
 def _describe(result: Estimate) -> list[str]:
@@ -159,9 +196,13 @@ def _print_rich(result: Estimate, judged: Optional[Verdict], measured: Optional[
         fitting = cards_that_fit(result.total)
         out.print(f"fits on: {', '.join(fitting) if fitting else 'none of ' + ', '.join(GPUS)}  (check one with --gpu NAME)")
         return
-    if judged.fits:
+    margin = safety_margin(result.total)
+    if judged.state == "fits":
         out.print(f"[green]fits[/] on {judged.gpu.name} with {judged.headroom / GIB:.2f} GiB headroom "
-                  f"({100 * judged.headroom / judged.gpu.bytes:.0f}%)")
+                  f"({100 * judged.headroom / judged.gpu.bytes:.0f}%; the safety margin is {margin / GIB:.2f} GiB)")
+    elif judged.state == "tight":
+        out.print(f"[yellow]tight[/] on {judged.gpu.name}: {judged.headroom / GIB:.2f} GiB headroom, inside the "
+                  f"{margin / GIB:.2f} GiB safety margin: it may run out of memory; a change below makes room")
     else:
         paging = "; it fits only while the paged optimizer spills its states to CPU RAM" if judged.fits_with_paging else ""
         out.print(f"[red]does not fit[/] on {judged.gpu.name}: {-judged.headroom / GIB:.2f} GiB over{paging}")
@@ -169,10 +210,12 @@ def _print_rich(result: Estimate, judged: Optional[Verdict], measured: Optional[
         mark = "[green]fits[/]" if suggestion.fits else "[red]still over[/]"
         verb = "could go to" if judged.fits else "try"
         out.print(f"  {verb} --set {suggestion.change.replace(' ', ' --set ')}  -> {suggestion.total / GIB:.2f} GiB {mark}")
+    if not judged.fits and not any("data.max_seq_len" in s.change for s in judged.suggestions):
+        out.print(f"  no data.max_seq_len of {MIN_USEFUL_SEQ} tokens or more fits with the rest of the recipe as it is")
     if not judged.fits and not judged.suggestions:
         floor = result.breakdown["base_weights"] + result.breakdown["cuda_context"]
         out.print(f"  no recipe setting makes it fit: the frozen base and the CUDA context alone take {floor / GIB:.2f} GiB")
-    if judged.bigger_cards and not judged.fits:
+    if judged.bigger_cards and not judged.fits and judged.state != "tight":
         out.print(f"  {'or a' if judged.suggestions else 'use a'} card with more memory: {', '.join(judged.bigger_cards)}")
 
 
@@ -192,6 +235,8 @@ def estimate_command(
     attn: Optional[str] = typer.Option(None, "--attn", help="Attention kernel: sdpa, eager or flash_attention_2."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="GPUs the job trains on: per-GPU memory under distributed.strategy (ddp replicates, fsdp shards)."),
     measure: bool = typer.Option(False, "--measure", help="Also run 3 real training steps on random tokens (CUDA only) and print the measured peak."),
+    trace: bool = typer.Option(False, "--trace", help="Also run one real training step here (CPU is fine; loads the model) and print its peak of live tensor bytes by term."),
+    solve_for: Optional[str] = typer.Option(None, "--solve", help="With --gpu/--gpu-memory: the largest max_seq_len or micro_batch_size that fits with the safety margin."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object for machines instead of tables."),
 ) -> None:
     """Estimate the peak GPU memory of a training step, term by term, and whether it fits a card."""
@@ -200,6 +245,8 @@ def estimate_command(
     card = card_from_flags(gpu, gpu_memory)
     result = estimate(resolve(config.model.path), plan_from_recipe(config, processes=nproc))
     judged = verdict(result, card) if card else None
+    solved = _solve(result, card, solve_for) if solve_for else None
+    traced = _trace(config, result) if trace else None
     measured = None
     if measure:
         # The wings load torch / transformers: imported when the command runs, so `qlora --help` stays fast.
@@ -207,6 +254,18 @@ def estimate_command(
 
         measured = measure_peak(config)
     if as_json:
-        print(json.dumps(to_json(result, judged, measured)))
-    else:
-        _print_rich(result, judged, measured)
+        print(json.dumps(to_json(result, judged, measured, traced, solved)))
+        return
+    _print_rich(result, judged, measured)
+    if traced:
+        terms = ", ".join(f"{LABELS.get(k, k)} {v:.3f}" for k, v in traced["terms_gib"].items() if v)
+        out.print(f"traced one step ({traced['dtype']}, {traced['device']}): peak {traced['peak_gib']:.3f} GiB of live tensors "
+                  f"vs {traced['estimated_gib']:.3f} GiB estimated without the device terms ({traced['error_pct']:+.1f}%); at the peak: {terms}")
+    if solved:
+        value = solved["value"]
+        if value is None:
+            floor = "1 row" if solved["field"] == "micro_batch_size" else f"{MIN_USEFUL_SEQ} tokens"
+            out.print(f"[red]--solve {solved['field']}:[/] nothing from {floor} up fits {card.name} with the safety margin; see the changes above")
+        else:
+            out.print(f"--solve {solved['field']}: [bold]{value}[/] is the largest that fits {card.name} with the safety margin "
+                      f"(--set {solved['key']}={value}, {solved['total_gib']:.2f} GiB)")

@@ -10,6 +10,8 @@ import typer
 from rich.markup import escape
 
 from qlora_cli.cli.console import SetOption, err, kv_table, out, state
+from qlora_cli.errors import ConfigError, ResourceError
+from qlora_cli.estimate.fit import auto_fit
 from qlora_cli.recipe.loader import load_recipe
 
 
@@ -19,12 +21,18 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in output.dir."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output.dir."),
     nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Train with N processes on this machine (re-launches through torchrun; one per GPU)."),
+    fit: bool = typer.Option(False, "--auto-fit", help="CUDA: pick micro-batch, accumulation (same effective batch) and checkpointing that fit the GPU's free memory."),
 ) -> None:
     """Fine-tune a LoRA/QLoRA adapter as the recipe says; saves a PEFT adapter, recipe.yaml and metrics.json."""
     # The wings load torch / transformers: imported when the command runs, so `qlora --help` stays fast.
     from qlora_cli.train.run import run_training
 
     config = load_recipe(recipe, set_)
+    if fit and resume:
+        raise ConfigError("--auto-fit picks a new batch layout and a resumed run keeps its checkpoint's; drop --auto-fit or --resume")
+    if fit:
+        set_ = [*(set_ or []), *fitted_overrides(config, nproc or 1)]
+        config = load_recipe(recipe, set_)
     if nproc is not None and nproc > 1:
         # The wings load torch / transformers: imported when the command runs, so `qlora --help` stays fast.
         from qlora_cli.train import distributed
@@ -67,6 +75,19 @@ def train(
         "adapter": str(result.output_dir),
     }
     out.print(kv_table("done", {k: v for k, v in summary.items() if v is not None}))
+
+
+def fitted_overrides(config, processes: int) -> list[str]:
+    """--auto-fit: the estimate's choice for the smallest free memory among the GPUs used, printed."""
+    # torch only once the command runs, so `qlora --help` stays fast.
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ResourceError("--auto-fit sizes the run to a CUDA GPU's free memory and none is visible here; drop --auto-fit")
+    free = min(torch.cuda.mem_get_info(index)[0] for index in range(min(processes, torch.cuda.device_count())))
+    choice = auto_fit(config, free, processes)
+    err.print(f"auto-fit: {choice.describe()}", soft_wrap=True)
+    return choice.overrides()
 
 
 def resume_nproc(metrics: dict) -> list[str]:

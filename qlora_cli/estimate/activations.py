@@ -110,6 +110,12 @@ def shared_saved_bytes(arch: Architecture, plan: Plan) -> int:
     return total
 
 
+def residual_bytes(plan: Plan) -> int:
+    """Bytes per element of the residual stream: the compute dtype, or fp32 when the embeddings were
+    upcast (peft's prepare_model_for_kbit_training in other stacks: fp32 + bf16 stays fp32)."""
+    return 4 if plan.upcast_frozen and plan.bits in (4, 8) else plan.dtype_bytes
+
+
 def largest_dequantized_weight(arch: Architecture, plan: Plan) -> int:
     """bitsandbytes dequantizes one weight at a time to the compute dtype for the matmul (forward and
     backward); the largest one is the transient."""
@@ -123,7 +129,7 @@ def backward_working_bytes(arch: Architecture, plan: Plan) -> int:
     gradient (2*a*T*h), two MLP-width gradients (2*a*T*i), the attention-score gradient for eager,
     and the dequantized weight."""
     a, T = plan.dtype_bytes, plan.tokens
-    working = 2 * a * T * arch.hidden_size + 2 * a * T * arch.intermediate_size
+    working = 2 * residual_bytes(plan) * T * arch.hidden_size + 2 * a * T * arch.intermediate_size
     if plan.attention == "eager":
         working += 4 * arch.num_heads * _scores_area(plan)
     return working + largest_dequantized_weight(arch, plan) + dora_weight_bytes(arch, plan)
@@ -158,7 +164,7 @@ def logits_bytes(arch: Architecture, plan: Plan) -> int:
     forward, a + 4 + 4, are fewer). Gemma 2's logit soft-capping keeps one more a-byte copy."""
     if plan.fused_loss and arch.model_type not in UNFUSABLE:
         return fused_loss_bytes(arch, plan)
-    per_logit = LOSS_BYTES_PER_LOGIT + (plan.dtype_bytes if arch.model_type == "gemma2" else 0)
+    per_logit = (plan.loss_bytes_per_logit or LOSS_BYTES_PER_LOGIT) + (plan.dtype_bytes if arch.model_type == "gemma2" else 0)
     return per_logit * plan.tokens * arch.vocab_size
 
 
@@ -170,11 +176,11 @@ def activation_parts(arch: Architecture, plan: Plan) -> dict[str, int]:
     not overlap: the loss at the start of backward (logits) or one layer's backward (its recomputed
     set when checkpointing, plus the working set). The layer part is reported beyond the logits only.
     """
-    a, T = plan.dtype_bytes, plan.tokens
+    T = plan.tokens
     per_layer = layer_saved_bytes(arch, plan)
     working = backward_working_bytes(arch, plan)
     if plan.gradient_checkpointing:
-        persistent = arch.num_layers * a * T * arch.hidden_size
+        persistent = arch.num_layers * residual_bytes(plan) * T * arch.hidden_size
         layer_peak = per_layer + working
     else:
         persistent = arch.num_layers * per_layer

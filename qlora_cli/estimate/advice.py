@@ -14,13 +14,32 @@ from qlora_cli.estimate.plan import Plan
 
 SEQ_STEP = 64  # suggested sequence lengths are rounded down to a multiple of this
 MAX_SUGGESTED_BATCH = 256
+MIN_USEFUL_SEQ = 256  # no suggestion shorter than this: a run that only fits below it does not fit
+# The verdict's safety margin: "fits" needs this much room left on the card beyond the estimate
+# (5% of the total, at least 0.5 GiB); inside it the run is "tight" (it may OOM). The grid in
+# docs/estimate-validation.md puts the allocated peak within a few % of the trace, and the margin
+# covers what the arithmetic leaves to the device (allocator rounding beyond its 10%, workspaces).
+SAFETY_FRACTION = 0.05
+MIN_SAFETY_BYTES = 512 * 2**20
+FITS, TIGHT, DOES_NOT_FIT = "fits", "tight", "does not fit"
+
+
+def safety_margin(total: int) -> int:
+    return max(MIN_SAFETY_BYTES, int(SAFETY_FRACTION * total))
+
+
+def state_of(total: int, budget: int) -> str:
+    """fits (room for the margin), tight (on the card, inside the margin: may OOM), does not fit."""
+    if total + safety_margin(total) <= budget:
+        return FITS
+    return TIGHT if total <= budget else DOES_NOT_FIT
 
 
 @dataclass(frozen=True)
 class Suggestion:
     change: str  # recipe keys, as for --set: "train.micro_batch_size=2"
     total: int
-    fits: bool
+    fits: bool  # with the safety margin
 
 
 @dataclass(frozen=True)
@@ -29,12 +48,16 @@ class Verdict:
     total: int
     suggestions: tuple[Suggestion, ...]
     bigger_cards: tuple[str, ...] = ()
+    pageable: int = 0
+
+    @property
+    def state(self) -> str:
+        return state_of(self.total, self.gpu.bytes)
 
     @property
     def fits(self) -> bool:
-        return self.total <= self.gpu.bytes
-
-    pageable: int = 0
+        """Fits with the safety margin (a tight run is not called fitting)."""
+        return self.state == FITS
 
     @property
     def headroom(self) -> int:
@@ -63,6 +86,23 @@ def _total(arch: Architecture, plan: Plan) -> int:
     return estimate(arch, plan).total
 
 
+def _fits(arch: Architecture, plan: Plan, budget: int) -> bool:
+    return state_of(_total(arch, plan), budget) == FITS
+
+
+def solve(arch: Architecture, plan: Plan, budget: int, field: str) -> Optional[int]:
+    """The largest data.max_seq_len (a multiple of SEQ_STEP, at least MIN_USEFUL_SEQ, at most the
+    model's context when known) or train.micro_batch_size that fits `budget` with the safety margin,
+    the rest of the plan held; None when not even the smallest useful value fits."""
+    if field == "max_seq_len":
+        top = arch.context_length or 1 << 20
+        steps = largest_fitting(lambda n: _fits(arch, plan.with_changes(seq_len=n * SEQ_STEP), budget), MIN_USEFUL_SEQ // SEQ_STEP, top // SEQ_STEP)
+        return steps * SEQ_STEP if steps else None
+    if field == "micro_batch_size":
+        return largest_fitting(lambda n: _fits(arch, plan.with_changes(micro_batch=n), budget), 1, MAX_SUGGESTED_BATCH)
+    raise ValueError(f"cannot solve for {field}")
+
+
 def _toggles(plan: Plan) -> list[tuple[str, dict]]:
     toggles = []
     if plan.bits != 4:
@@ -79,28 +119,24 @@ def _toggles(plan: Plan) -> list[tuple[str, dict]]:
 
 
 def _shape_suggestions(arch: Architecture, plan: Plan, budget: int, prefix: str = "") -> list[Suggestion]:
-    """The largest micro-batch and the largest sequence length that fit, the other held fixed."""
+    """The largest micro-batch and the largest useful sequence length that fit, the other held fixed."""
     found = []
-    fits_batch = lambda n: _total(arch, plan.with_changes(micro_batch=n)) <= budget  # noqa: E731
-    batch = largest_fitting(fits_batch, 1, plan.micro_batch - 1)
+    batch = largest_fitting(lambda n: _fits(arch, plan.with_changes(micro_batch=n), budget), 1, plan.micro_batch - 1)
     if batch:
-        total = _total(arch, plan.with_changes(micro_batch=batch))
-        found.append(Suggestion(f"{prefix}train.micro_batch_size={batch}", total, True))
-    fits_seq = lambda n: _total(arch, plan.with_changes(seq_len=n)) <= budget  # noqa: E731
-    seq = largest_fitting(fits_seq, 1, plan.seq_len - 1)
-    if seq:
-        seq = seq // SEQ_STEP * SEQ_STEP if seq >= SEQ_STEP else seq
-        total = _total(arch, plan.with_changes(seq_len=seq))
-        found.append(Suggestion(f"{prefix}data.max_seq_len={seq}", total, True))
+        found.append(Suggestion(f"{prefix}train.micro_batch_size={batch}", _total(arch, plan.with_changes(micro_batch=batch)), True))
+    if plan.seq_len > MIN_USEFUL_SEQ:
+        seq = solve(arch, plan, budget, "max_seq_len")
+        if seq and seq < plan.seq_len:
+            found.append(Suggestion(f"{prefix}data.max_seq_len={seq}", _total(arch, plan.with_changes(seq_len=seq)), True))
     return found
 
 
 def verdict(result: Estimate, gpu: Gpu) -> Verdict:
-    """Fits with headroom (and how large a micro-batch would), or what to change so that it fits."""
+    """Fits with room for the safety margin (and how large a micro-batch would), tight, or what to
+    change so that it fits. Every suggestion is re-estimated and fits with the margin."""
     arch, plan, budget = result.arch, result.plan, gpu.bytes
-    if result.total <= budget:
-        fits_batch = lambda n: _total(arch, plan.with_changes(micro_batch=n)) <= budget  # noqa: E731
-        batch = largest_fitting(fits_batch, plan.micro_batch, MAX_SUGGESTED_BATCH)
+    if state_of(result.total, budget) == FITS:
+        batch = largest_fitting(lambda n: _fits(arch, plan.with_changes(micro_batch=n), budget), plan.micro_batch, MAX_SUGGESTED_BATCH)
         tips = ()
         if batch and batch > plan.micro_batch:
             tips = (Suggestion(f"train.micro_batch_size={batch}", _total(arch, plan.with_changes(micro_batch=batch)), True),)
@@ -109,15 +145,15 @@ def verdict(result: Estimate, gpu: Gpu) -> Verdict:
     combined, combined_keys = plan, []
     for change, fields in _toggles(plan):
         total = _total(arch, plan.with_changes(**fields))
-        suggestions.append(Suggestion(change, total, total <= budget))
+        suggestions.append(Suggestion(change, total, state_of(total, budget) == FITS))
         combined, combined_keys = combined.with_changes(**fields), combined_keys + [change]
     if len(combined_keys) > 1:
         total = _total(arch, combined)
-        suggestions.append(Suggestion(" ".join(combined_keys), total, total <= budget))
-    if combined_keys and _total(arch, combined) > budget:
+        suggestions.append(Suggestion(" ".join(combined_keys), total, state_of(total, budget) == FITS))
+    if combined_keys and not _fits(arch, combined, budget):
         suggestions.extend(_shape_suggestions(arch, combined, budget, prefix=" ".join(combined_keys) + " "))
     fitting = tuple(s for s in suggestions if s.fits)
-    bigger = tuple(cards_that_fit(result.total)[:3])
+    bigger = tuple(cards_that_fit(result.total + safety_margin(result.total))[:3])
     if not fitting and (combined_keys or plan.micro_batch > 1):  # the smallest we can make it, still over
         keys = combined_keys + (["train.micro_batch_size=1"] if plan.micro_batch > 1 else [])
         fitting = (Suggestion(" ".join(keys), _total(arch, combined.with_changes(micro_batch=1)), False),)

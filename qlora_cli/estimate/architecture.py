@@ -5,6 +5,7 @@ catalog, the Hugging Face cache, or (online only) the hub. No weights, no torch,
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import urllib.request
@@ -16,7 +17,21 @@ from qlora_cli.errors import ConfigError
 from qlora_cli.estimate import catalog
 from qlora_cli.recipe.paths import is_local_path
 
-_LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mixtral", "phi3"}
+_LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mixtral", "qwen2_moe", "phi3"}
+FUSED, PER_EXPERT = "fused", "per-expert"
+
+
+def installed_expert_layout() -> str:
+    """How the installed transformers builds MoE experts, without importing it: from 5.0 on as fused
+    3-D parameters (MixtralExperts.gate_up_proj [experts, 2 x inter, hidden]), which bitsandbytes
+    leaves in 16-bit because it replaces nn.Linear only; before 5.0 as one nn.Linear per expert
+    (w1/w2/w3), which it quantizes. tests/unit/test_estimate_moe.py builds the tiny Mixtral with the
+    installed libraries and checks this answer against what bitsandbytes really did."""
+    try:
+        major = int(importlib.metadata.version("transformers").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return FUSED
+    return FUSED if major >= 5 else PER_EXPERT
 
 
 @dataclass(frozen=True)
@@ -32,8 +47,10 @@ class Linear:
 
 @dataclass(frozen=True)
 class Experts:
-    """A fused 3-D expert weight (transformers 5 MoE). Not an nn.Linear, so bitsandbytes leaves it
-    in 16-bit; peft adapts it only through target_parameters (all-linear does)."""
+    """The experts' weight of one projection, `num_experts` of in x out. Fused (transformers >= 5):
+    one 3-D parameter, not an nn.Linear, so bitsandbytes leaves it in 16-bit and peft adapts it only
+    through target_parameters (all-linear does). Per-expert (older transformers): nn.Linear layers,
+    quantized and LoRA-wrapped like any other."""
 
     name: str
     num_experts: int
@@ -57,9 +74,12 @@ class Architecture:
     experts: tuple[Experts, ...] = ()  # per decoder layer
     router_experts: int = 0  # MoE router weight (experts x hidden), a plain parameter
     experts_per_token: int = 0
+    expert_layout: str = FUSED  # FUSED or PER_EXPERT (installed_expert_layout)
+    shared_expert_size: int = 0  # Qwen2-MoE: a dense SwiGLU beside the experts (its linears are in `linears`)
     norms_per_layer: int = 2  # full-width RMSNorms
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3, Gemma 3)
     extra_params: int = 0  # parameters outside the decoder we only count (e.g. a vision tower), 16-bit
+    context_length: int = 0  # max_position_embeddings (0: not known)
     source: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -110,8 +130,9 @@ def _decoder_linears(model_type: str, hidden: int, inter: int, q_dim: int, kv_di
     )
 
 
-def from_config(config: dict, name: str, source: str) -> Architecture:
-    """An Architecture from a config.json dict (text decoders of the Llama family and kin)."""
+def from_config(config: dict, name: str, source: str, expert_layout: Optional[str] = None) -> Architecture:
+    """An Architecture from a config.json dict (text decoders of the Llama family and kin). MoE
+    experts are laid out as the installed transformers builds them unless `expert_layout` says."""
     notes = []
     if "text_config" in config:  # multimodal wrapper (e.g. Gemma 3 4B+): the decoder is in text_config
         text = dict(config["text_config"])
@@ -132,24 +153,36 @@ def from_config(config: dict, name: str, source: str) -> Architecture:
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
     head_dim = int(config.get("head_dim") or hidden // heads)
-    qkv_bias = bool(config.get("attention_bias", model_type == "qwen2"))
+    qkv_bias = bool(config.get("attention_bias", model_type in ("qwen2", "qwen2_moe")))
     mlp_bias = bool(config.get("mlp_bias", False))
-    linears = _decoder_linears(model_type, hidden, inter, heads * head_dim, kv_heads * head_dim, qkv_bias, mlp_bias)
-    experts, router, top_k = (), 0, 0
-    if model_type == "mixtral":
-        router, top_k = int(config.get("num_local_experts", 8)), int(config.get("num_experts_per_tok", 2))
+    dense = int(config.get("shared_expert_intermediate_size", inter)) if model_type == "qwen2_moe" else inter
+    linears = _decoder_linears(model_type, hidden, dense, heads * head_dim, kv_heads * head_dim, qkv_bias, mlp_bias)
+    experts, router, top_k, shared = (), 0, 0, 0
+    layout = expert_layout or installed_expert_layout()
+    if model_type in ("mixtral", "qwen2_moe"):
+        router = int(config.get("num_local_experts") or config.get("num_experts") or 8)
+        top_k = int(config.get("num_experts_per_tok", 2))
+        if model_type == "qwen2_moe":
+            inter, shared = int(config.get("moe_intermediate_size", inter)), int(config.get("shared_expert_intermediate_size", 0))
+            linears = linears + (Linear("shared_expert_gate", hidden, 1, False, "mlp_in"),)
         experts = (Experts("gate_up_proj", router, hidden, 2 * inter), Experts("down_proj", router, inter, hidden))
-        notes.append("MoE experts stay 16-bit: bitsandbytes quantizes nn.Linear only (transformers 5 fuses experts)")
+        if layout == FUSED:
+            notes.append("MoE experts: fused 3-D tensors in the installed transformers, so bitsandbytes leaves them "
+                         "16-bit (it quantizes nn.Linear only); counted in 16-bit")
+        else:
+            notes.append("MoE experts: one nn.Linear per expert in the installed transformers, quantized by bitsandbytes")
     if config.get("qlora_note"):
         notes.append(config["qlora_note"])
     return Architecture(
         name=name, model_type=model_type, hidden_size=hidden, intermediate_size=inter,
         num_layers=int(config["num_hidden_layers"]), num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         vocab_size=int(config["vocab_size"]), tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        linears=linears, experts=experts, router_experts=router, experts_per_token=top_k,
+        linears=linears, experts=experts, router_experts=router, experts_per_token=top_k, expert_layout=layout,
+        shared_expert_size=shared,
         norms_per_layer=4 if model_type in ("gemma2", "gemma3_text") else 2,
         qk_norm=model_type in ("qwen3", "gemma3_text"),
-        extra_params=int(config.get("qlora_extra_params", 0)), source=source, notes=tuple(notes),
+        extra_params=int(config.get("qlora_extra_params", 0)), context_length=int(config.get("max_position_embeddings") or 0),
+        source=source, notes=tuple(notes),
     )
 
 

@@ -88,6 +88,9 @@ def estimate(arch: Architecture, plan: Plan) -> Estimate:
         notes.append(f"lora.target_modules {unmatched} match no layer; peft ignores them")
     if plan.method != "lora":
         notes.append(f"{plan.method}: activations counted for the frozen base only (the method's own are small)")
+    if arch.context_length and plan.seq_len > arch.context_length:
+        notes.append(f"data.max_seq_len {plan.seq_len} exceeds {arch.name}'s context of {arch.context_length} tokens "
+                     "(max_position_embeddings): positions past it were never trained; lower data.max_seq_len")
     if arch.experts:
         notes.append("MoE activations and expert-LoRA counts are approximate")
     if plan.optimizer.startswith("paged_"):

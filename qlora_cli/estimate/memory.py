@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from math import ceil
 
 from qlora_cli.errors import ConfigError
-from qlora_cli.estimate.architecture import Architecture, Linear
+from qlora_cli.estimate.architecture import PER_EXPERT, Architecture, Linear
 from qlora_cli.estimate.plan import Plan
 
 NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
@@ -44,20 +44,24 @@ def quantized_linear_bytes(in_features: int, out_features: int, bits: int, doubl
 def base_weight_bytes(arch: Architecture, plan: Plan) -> dict[str, int]:
     """The frozen base by part. bitsandbytes replaces nn.Linear layers only; everything else (embeddings,
     an untied lm_head, which transformers never quantizes, norms, biases, fused MoE experts) stays 16-bit."""
-    half = plan.dtype_bytes
+    half = 4 if plan.upcast_frozen and plan.bits in (4, 8) else plan.dtype_bytes
     layers = arch.num_layers
     if plan.bits in (4, 8):
         linears = sum(quantized_linear_bytes(l.in_features, l.out_features, plan.bits, plan.double_quant) for l in arch.linears)
     else:
         linears = sum(l.in_features * l.out_features * half for l in arch.linears)
     experts = sum(e.num_experts * e.in_features * e.out_features for e in arch.experts) * half
+    experts_quantized = arch.expert_layout == PER_EXPERT and plan.bits in (4, 8)
+    if experts_quantized:  # nn.Linear per expert: quantized like the other linears (gate_up = w1 + w3)
+        experts = sum(e.num_experts * quantized_linear_bytes(e.in_features, e.out_features, plan.bits, plan.double_quant) for e in arch.experts)
     parts = {
         "quantized linears" if plan.bits in (4, 8) else "linears": layers * linears,
         "embeddings + lm_head": arch.embedding_params() * half,
         "norms + biases": (arch.norm_params() + layers * sum(l.out_features for l in arch.linears if l.bias)) * half,
     }
     if arch.experts:
-        parts["MoE experts + router (16-bit)"] = layers * (experts + arch.router_experts * arch.hidden_size * half)
+        label = f"MoE experts ({plan.bits}-bit, nn.Linear per expert)" if experts_quantized else "MoE experts + router (16-bit, fused 3-D tensors)"
+        parts[label] = layers * (experts + arch.router_experts * arch.hidden_size * half)
     if arch.extra_params:
         parts["other (16-bit)"] = arch.extra_params * half
     return parts
@@ -135,7 +139,13 @@ def trainable_tensors(arch: Architecture, plan: Plan) -> list[Trainable]:
     if "router" in others:
         tensors.append(Trainable("router.lora_A", r * arch.hidden_size, layers, ADAPTER_BYTES))
         tensors.append(Trainable("router.lora_B", r * arch.router_experts, layers, ADAPTER_BYTES))
-    if "experts" in others:  # peft ParamWrapper: A is (r * experts) x in, B is out x (r * experts)
+    if "experts" in others and arch.expert_layout == PER_EXPERT:  # LoRA on every expert's w1, w3 (gate_up) and w2
+        for expert in arch.experts:
+            halves = 2 if expert.name == "gate_up_proj" else 1
+            out = expert.out_features // halves
+            tensors.append(Trainable(f"experts.{expert.name}.lora_A", r * expert.in_features, layers * expert.num_experts * halves, ADAPTER_BYTES))
+            tensors.append(Trainable(f"experts.{expert.name}.lora_B", r * out, layers * expert.num_experts * halves, ADAPTER_BYTES))
+    elif "experts" in others:  # peft ParamWrapper: A is (r * experts) x in, B is out x (r * experts)
         for expert in arch.experts:
             # peft's all-linear MoE preset sets rank_pattern {gate_up_proj: 2r} (fused gate + up halves)
             rank = r * expert.num_experts * (2 if expert.name == "gate_up_proj" else 1)

@@ -46,6 +46,14 @@ class Plan:
     prefix_projection: bool = False
     bottleneck_size: int = 64
     bottleneck_placement: tuple[str, ...] = ("attention", "mlp")
+    # Another stack's habit, for comparing published runs (never set from a recipe): peft's
+    # prepare_model_for_kbit_training (TRL's and the HF examples' k-bit path) leaves every
+    # unquantized base parameter (embeddings, lm_head, norms) in fp32; `qlora train` keeps them 16-bit.
+    upcast_frozen: bool = False
+    # transformers < 5's ForCausalLMLoss upcast the logits and copied them shifted (.contiguous()):
+    # bf16 logits + fp32 copy + shifted fp32 copy + fp32 log_softmax alive at once, 14 B per logit
+    # against our 12 (transformers 5 shifts the labels instead). 0 = our stack.
+    loss_bytes_per_logit: int = 0
 
     @property
     def tokens(self) -> int:

@@ -21,6 +21,7 @@ A warm-up step runs first so that the optimizer states exist (the Trainer's stea
 from __future__ import annotations
 
 import gc
+import heapq
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -48,6 +49,7 @@ class Trace:
     dtype: str
     device: str
     notes: list[str] = field(default_factory=list)
+    largest: list[tuple[int, str, str]] = field(default_factory=list)  # (bytes, term, aten op) at the peak
 
     def as_estimate_terms(self) -> dict[str, int]:
         """The split in the estimate's own terms: the backward's working set belongs to activations."""
@@ -63,6 +65,8 @@ class LiveBytes(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.storages: dict[int, tuple[object, int, str]] = {}  # StorageImpl address -> (weak ref, bytes, term)
+        self.made_by: dict[int, str] = {}  # StorageImpl address -> the aten op that made it
+        self.largest_at_peak: list[tuple[int, str, str]] = []  # (bytes, term, op) of the largest storages at the peak
         self.by_term: dict[str, int] = defaultdict(int)
         self.live = 0
         self.peak = 0
@@ -72,7 +76,7 @@ class LiveBytes(TorchDispatchMode):
         self.ops = 0
         self.masks = 0
 
-    def add(self, tensor: torch.Tensor, term: str, bytes_: int | None = None) -> None:
+    def add(self, tensor: torch.Tensor, term: str, bytes_: int | None = None, op: str = "resident") -> None:
         storage = tensor.untyped_storage()
         key = storage._cdata
         known = self.storages.get(key)
@@ -84,6 +88,7 @@ class LiveBytes(TorchDispatchMode):
         if size == 0:
             return
         self.storages[key] = (StorageWeakRef(storage), size, term)
+        self.made_by[key] = op
         self.by_term[term] += size
         self.live += size
 
@@ -103,6 +108,7 @@ class LiveBytes(TorchDispatchMode):
 
     def _drop(self, key: int) -> None:
         _, size, term = self.storages.pop(key)
+        self.made_by.pop(key, None)
         self.by_term[term] -= size
         self.live -= size
 
@@ -118,6 +124,7 @@ class LiveBytes(TorchDispatchMode):
             self.peak = self.live
             self.at_peak = dict(self.by_term)
             self.phase_at_peak = self.phase
+            self.largest_at_peak = heapq.nlargest(8, ((size, term, self.made_by.get(key, "?")) for key, (_, size, term) in self.storages.items()))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -128,7 +135,7 @@ class LiveBytes(TorchDispatchMode):
             self.masks += 1
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
-                self.add(tensor, self.phase)
+                self.add(tensor, self.phase, op=func.__name__)
         self._check_peak()
         return out
 
@@ -198,4 +205,5 @@ def trace_step(recipe: Recipe, parts: StepParts | None = None) -> Trace:
     notes = [f"{counter.masks} dropout masks counted at 1 byte per element, as CUDA keeps them"] if counter.masks else []
     at_peak = {term: counter.at_peak.get(term, 0) for term in TERMS}
     device = next(parts.model.parameters()).device.type
-    return Trace(counter.peak, at_peak, counter.phase_at_peak, counter.ops, str(parts.dtype).removeprefix("torch."), device, notes)
+    return Trace(counter.peak, at_peak, counter.phase_at_peak, counter.ops, str(parts.dtype).removeprefix("torch."), device, notes,
+                 counter.largest_at_peak)

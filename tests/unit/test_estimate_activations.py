@@ -82,7 +82,7 @@ def test_fused_loss_holds_one_chunk_of_logits():
     chunk = chunk_tokens(128256)
     assert chunk == 523
     fused = logits_bytes(arch, Plan(seq_len=2048, micro_batch=2))
-    assert fused == chunk * 128256 * (4 + 2) + 2 * 4096 * 4096
+    assert fused == chunk * 128256 * (4 + 2) + 2 * 2 * 4096 * 4096  # + the final hidden states it reads and their gradient
     assert fused < logits_bytes(arch, Plan(seq_len=2048, micro_batch=2, fused_loss=False)) / 10
     # Gemma 2 soft-caps its logits: the trainer falls back to the standard loss, so does the estimate.
     gemma = resolve("google/gemma-2-9b")
