@@ -111,9 +111,14 @@ def shared_saved_bytes(arch: Architecture, plan: Plan) -> int:
 
 
 def residual_bytes(plan: Plan) -> int:
-    """Bytes per element of the residual stream: the compute dtype, or fp32 when the embeddings were
-    upcast (peft's prepare_model_for_kbit_training in other stacks: fp32 + bf16 stays fp32)."""
-    return 4 if plan.upcast_frozen and plan.bits in (4, 8) else plan.dtype_bytes
+    """Bytes per element of the residual stream: the compute dtype, or fp32 when something upcasts it
+    (fp32 + bf16 stays fp32): embeddings left in fp32 (peft's prepare_model_for_kbit_training in other
+    stacks), or IA3 on a quantized base: peft scales down_proj's input by its fp32 vector, and
+    bitsandbytes' Linear4bit/8bitLt return their input's dtype, so the MLP output added to the
+    residual is fp32 (the CPU trace shows it; nn.Linear under autocast would return bf16)."""
+    if plan.bits in (4, 8) and (plan.upcast_frozen or plan.method == "ia3"):
+        return 4
+    return plan.dtype_bytes
 
 
 def largest_dequantized_weight(arch: Architecture, plan: Plan) -> int:
@@ -154,7 +159,7 @@ def fused_loss_bytes(arch: Architecture, plan: Plan) -> int:
     logits, turned into their gradient in place, plus its copy in the compute dtype, the final
     hidden states it reads and the gradient it hands to backward (2*a*T*h)."""
     chunk = min(plan.tokens, max(64, CHUNK_LOGIT_BYTES // (4 * arch.vocab_size)))
-    return chunk * arch.vocab_size * (4 + plan.dtype_bytes) + 2 * plan.dtype_bytes * plan.tokens * arch.hidden_size
+    return chunk * arch.vocab_size * (4 + plan.dtype_bytes) + 2 * residual_bytes(plan) * plan.tokens * arch.hidden_size
 
 
 def logits_bytes(arch: Architecture, plan: Plan) -> int:

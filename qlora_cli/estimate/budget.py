@@ -1,13 +1,15 @@
 """The estimate itself: every term of a training step's peak GPU memory, summed into one breakdown.
 
-Two overhead constants are rules of thumb, not derived here (see docs/estimate-validation.md):
-- CUDA context: the driver context, PyTorch kernels and cuBLAS/cuDNN handles that a process holds
-  before its first tensor. PyTorch's CUDA-semantics notes put it at a few hundred MiB; with lazy
-  module loading (CUDA >= 11.7) it is typically 0.3-0.5 GiB. We count 0.5 GiB.
-- Allocator overhead: PyTorch's caching allocator reserves more than it hands out (block rounding,
-  fragmentation between steps of different lengths). Weights and optimizer states are allocated once
-  in large blocks and barely fragment; what is freed and re-allocated every step (activations, logits,
-  gradients with zero_grad(set_to_none=True)) does. We count 10% of those per-step terms.
+Two device terms, from published measurements (docs/estimate-validation.md, "Device terms"):
+- CUDA context: the driver context, kernels and library handles a process holds before its first
+  tensor: 287 MB with lazy module loading vs 667 MB without (pytorch#86509), ~300-400 MB on CUDA 11.7+
+  (pytorch#107667, #109888), 426 MiB with torch 2.10 / CUDA 13 (unsloth-zoo#1053). We count 0.5 GiB.
+- Allocator overhead: PyTorch's caching allocator reserves more than it hands out. Weights and
+  optimizer states are allocated once and barely fragment; what is freed and re-allocated every step
+  (activations, logits, gradients) does. With fixed shapes (packed rows) the reserved peak stays
+  constant (torchtune#2830) and a few % above allocated (compressed-tensors#587: 1.83 GiB on 75 GiB);
+  rows of varying length fragment far more (torchtune#1185), which a note says. We count 10% of the
+  per-step terms; the verdict's safety margin (advice.py) is on top.
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ def estimate(arch: Architecture, plan: Plan) -> Estimate:
     if arch.context_length and plan.seq_len > arch.context_length:
         notes.append(f"data.max_seq_len {plan.seq_len} exceeds {arch.name}'s context of {arch.context_length} tokens "
                      "(max_position_embeddings): positions past it were never trained; lower data.max_seq_len")
+    if not plan.packing:
+        notes.append("unpacked rows vary in length, which fragments PyTorch's caching allocator beyond the allocator term "
+                     "(torchtune #1185 measured 16.4 GiB reserved vs 10.8 GiB with it avoided); set "
+                     "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, or data.packing: true")
     if arch.experts:
         notes.append("MoE activations and expert-LoRA counts are approximate")
     if plan.optimizer.startswith("paged_"):

@@ -3,12 +3,15 @@ in docs/estimate-validation.md recomputed: the estimate within 5% of one traced 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from qlora_cli.estimate import estimate, plan_from_recipe, resolve
 from qlora_cli.estimate.trace import LiveBytes, trace_step
 from qlora_cli.recipe.loader import validate_recipe
+from tests.conftest import invoke, write_recipe
 from tests.families import build_family
 
 DEVICE_TERMS = ("allocator_overhead", "cuda_context")
@@ -70,3 +73,18 @@ def test_estimate_is_within_five_percent_of_the_traced_step(tiny_llama, row):
     assert terms["adapter_weights"] == breakdown["adapter_weights"]  # exact: fp32 LoRA A and B
     assert terms["optimizer_states"] == breakdown["optimizer_states"]  # exact: bnb's states, created in the warm-up step
     assert traced.notes and "dropout masks" in traced.notes[0]  # CPU masks counted as CUDA keeps them
+
+
+def test_estimate_trace_prints_the_traced_peak_beside_the_estimate(tiny_llama, tmp_path):
+    recipe = {
+        "model": {"path": str(tiny_llama), "dtype": "bfloat16"},
+        "data": {"train": "x.jsonl", "format": "text", "max_seq_len": 128},
+        "train": {"optimizer": "adamw_torch"},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    result = invoke("estimate", write_recipe(tmp_path, recipe), "--trace", "--json")
+    assert result.exit_code == 0, result.output
+    traced = json.loads(result.stdout)["traced"]
+    assert traced["dtype"] == "bfloat16" and traced["device"] == "cpu"
+    assert abs(traced["error_pct"]) <= 5 and traced["peak_gib"] > 0
+    assert not (tmp_path / "run").exists()  # an estimate writes nothing
