@@ -31,7 +31,8 @@ MIB = 2**20
 BEGIN, END = "<!-- grid:begin -->", "<!-- grid:end -->"
 
 # (model, overrides) rows: defaults are QLoRA 4-bit, LoRA r=8 all-linear, dropout 0.05, packing,
-# micro-batch 1, checkpointing on, chunked loss, paged_adamw_8bit, bf16 compute, sdpa.
+# micro-batch 1, checkpointing on, loss kernel auto (chunked where the model allows it, else standard),
+# paged_adamw_8bit, bf16 compute, sdpa.
 GRID = [
     ("llama", {}),
     ("llama", {"seq": 1024}),
@@ -57,9 +58,9 @@ GRID = [
     ("gemma3", {"seq": 1024}),
     ("phi3", {"seq": 1024}),
     ("phi3", {"seq": 1024, "ckpt": False, "bits": 16}),
-    ("mixtral", {"seq": 1024}),
-    ("mixtral", {"seq": 1024, "ckpt": False}),
-    ("qwen2_moe", {"seq": 1024}),
+    ("mixtral", {"seq": 1024, "dropout": 0.0}),  # peft's expert ParamWrapper refuses lora dropout
+    ("mixtral", {"seq": 1024, "ckpt": False, "dropout": 0.0}),
+    ("qwen2_moe", {"seq": 1024, "dropout": 0.0}),
     ("demo", {"seq": 128}),
     ("demo", {"seq": 256, "ckpt": False}),
     ("demo", {"seq": 256, "loss": "standard", "bits": 16}),
@@ -86,17 +87,17 @@ def recipe_for(folder: Path, row: dict):
         "adapter": adapter,
         "data": {"train": "(grid)", "format": "text", "max_seq_len": row.get("seq", 128), "packing": row.get("packing", True)},
         "train": {"micro_batch_size": row.get("mb", 1), "gradient_checkpointing": row.get("ckpt", True),
-                  "loss_kernel": row.get("loss", "chunked"), "optimizer": "paged_adamw_8bit"},
+                  "loss_kernel": row.get("loss", "auto"), "optimizer": "paged_adamw_8bit"},
         "output": {"dir": "(grid)"},
     }
     if adapter["method"] == "lora":
-        recipe["lora"] = {"r": 8, "dropout": 0.05, "use_dora": method == "dora"}
+        recipe["lora"] = {"r": 8, "dropout": row.get("dropout", 0.05), "use_dora": method == "dora"}
     return validate_recipe(recipe, source="estimate grid")
 
 
 def describe(family: str, row: dict) -> str:
     parts = [f"{row.get('bits', 4)}-bit", row.get("method", "lora"), f"seq {row.get('seq', 128)}", f"mb {row.get('mb', 1)}",
-             "ckpt" if row.get("ckpt", True) else "no ckpt", row.get("loss", "chunked"), "packed" if row.get("packing", True) else "padded"]
+             "ckpt" if row.get("ckpt", True) else "no ckpt", row.get("loss", "auto loss"), "packed" if row.get("packing", True) else "padded"]
     if row.get("attn"):
         parts.append(row["attn"])
     return f"{'SmolLM2-135M' if family == 'demo' else 'tiny ' + family} | " + ", ".join(parts)

@@ -34,14 +34,18 @@ LOSS_BYTES_PER_LOGIT = 12  # fp32 log_softmax output (saved) + its gradient + th
 
 
 def _mask_present(plan: Plan) -> bool:
-    """transformers builds an attention mask when rows share a micro-batch (padding or packed rows);
-    a single row runs causal attention with no mask (is_causal)."""
-    return plan.micro_batch > 1
+    """transformers builds an attention mask when rows share a micro-batch (padding or packed rows)
+    or when prefix tuning hands its keys/values in as a cache (prefix + causal); a single row
+    otherwise runs causal attention with no mask (is_causal)."""
+    return plan.micro_batch > 1 or plan.method == "prefix_tuning"
 
 
 def _scores_area(plan: Plan) -> int:
-    """Entries of one head's attention matrix summed over the micro-batch."""
-    return plan.tokens**2 if plan.packing else plan.micro_batch * plan.seq_len**2
+    """Entries of one head's attention matrix summed over the micro-batch (keys include a prefix)."""
+    if plan.packing:
+        return plan.tokens**2
+    keys = plan.seq_len + (plan.num_virtual_tokens if plan.method == "prefix_tuning" else 0)
+    return plan.micro_batch * plan.seq_len * keys
 
 
 def _lora_inputs(arch: Architecture, plan: Plan) -> tuple[list[tuple[int, int]], bool]:
@@ -54,8 +58,9 @@ def _lora_inputs(arch: Architecture, plan: Plan) -> tuple[list[tuple[int, int]],
 
 def attention_saved_bytes(arch: Architecture, plan: Plan) -> int:
     a, T = plan.dtype_bytes, plan.tokens
-    if plan.attention == "eager":
-        return a * T * 3 * arch.q_dim + (4 + a) * arch.num_heads * _scores_area(plan)
+    if plan.attention == "eager":  # fp32 softmax output + its compute-dtype copy (+ Gemma 2's tanh soft-cap output)
+        softcap = a if arch.model_type == "gemma2" else 0
+        return a * T * 3 * arch.q_dim + (4 + a + softcap) * arch.num_heads * _scores_area(plan)
     masked = plan.attention == "sdpa" and _mask_present(plan)
     kv_width = arch.q_dim if masked else arch.kv_dim
     float_mask = a * _scores_area(plan) if masked else 0
@@ -100,8 +105,8 @@ def shared_saved_bytes(arch: Architecture, plan: Plan) -> int:
         if plan.lora_dropout > 0 and plan.method == "lora":
             linears, _, _ = resolve_targets(arch, plan.target_modules)
             total -= T * sum(l.in_features for l in linears if l.role == "attn_in")
-    if _mask_present(plan) and plan.attention != "flash_attention_2":
-        total += (a if plan.attention == "eager" else 1) * _scores_area(plan)
+    if plan.gradient_checkpointing:
+        total += attention_mask_bytes(plan)  # an input of every checkpointed layer: kept for the recompute
     head_trains = "lm_head" in plan.modules_to_save or (
         plan.target_modules != "all-linear" and any(k.rpartition(".")[2] == "lm_head" for k in plan.target_modules)
     )
@@ -121,6 +126,15 @@ def residual_bytes(plan: Plan) -> int:
     return plan.dtype_bytes
 
 
+def attention_mask_bytes(plan: Plan) -> int:
+    """The mask transformers builds once per forward (bool for sdpa, additive in the compute dtype for
+    eager). No layer saves it (sdpa saves its own float copy, counted per layer), so without
+    checkpointing it lives through the forward only; with checkpointing the layers keep it."""
+    if not _mask_present(plan) or plan.attention == "flash_attention_2":
+        return 0
+    return (plan.dtype_bytes if plan.attention == "eager" else 1) * _scores_area(plan)
+
+
 def largest_dequantized_weight(arch: Architecture, plan: Plan) -> int:
     """bitsandbytes dequantizes one weight at a time to the compute dtype for the matmul (forward and
     backward); the largest one is the transient."""
@@ -135,8 +149,8 @@ def backward_working_bytes(arch: Architecture, plan: Plan) -> int:
     and the dequantized weight."""
     a, T = plan.dtype_bytes, plan.tokens
     working = 2 * residual_bytes(plan) * T * arch.hidden_size + 2 * a * T * arch.intermediate_size
-    if plan.attention == "eager":
-        working += 4 * arch.num_heads * _scores_area(plan)
+    if plan.attention == "eager":  # the softmax's output gradient upcast to fp32 and its input gradient, less the freed copy
+        working += (8 - plan.dtype_bytes) * arch.num_heads * _scores_area(plan)
     return working + largest_dequantized_weight(arch, plan) + dora_weight_bytes(arch, plan)
 
 
@@ -151,7 +165,7 @@ def dora_weight_bytes(arch: Architecture, plan: Plan) -> int:
 
 
 CHUNK_LOGIT_BYTES = 256 * 2**20  # = qlora_cli.kernels.CHUNK_LOGIT_BYTES (that module imports torch)
-UNFUSABLE = {"gemma2", "gemma3_text", "cohere", "cohere2"}  # soft-capped or scaled logits: standard loss
+UNFUSABLE = {"gemma2", "cohere", "cohere2"}  # soft-capped (Gemma 2; not Gemma 3) or scaled logits: standard loss
 
 
 def fused_loss_bytes(arch: Architecture, plan: Plan) -> int:
@@ -192,10 +206,11 @@ def activation_parts(arch: Architecture, plan: Plan) -> dict[str, int]:
         layer_peak = working
     persistent += shared_saved_bytes(arch, plan)
     logits = logits_bytes(arch, plan)
+    forward_mask = 0 if plan.gradient_checkpointing else attention_mask_bytes(plan)  # the forward's own peak
     return {
         "kept until backward": persistent,
         "one layer's backward": layer_peak,
         "loss peak": logits,
         "one layer saved": per_layer,
-        "total": persistent + max(0, layer_peak - logits),
+        "total": persistent + max(0, layer_peak - logits, forward_mask - logits),
     }
