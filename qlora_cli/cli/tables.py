@@ -66,7 +66,8 @@ def gguf_table(exported: dict) -> Table:
         verdict = "[green]PASS[/]" if llama["passed"] else "[red]FAIL[/]"
         tokens = llama["tokenization"]
         table.add_row("llama.cpp", f"{verdict} ({llama['runtime']})")
-        table.add_row("  tokenization vs transformers", f"{tokens['identical']}/{tokens['texts']} strings identical")
+        explained = f", {tokens['explained']} split apart as llama.cpp does (vulgar fractions)" if tokens["explained"] else ""
+        table.add_row("  tokenization vs transformers", f"{tokens['identical']}/{tokens['texts']} strings identical{explained}")
         if llama["rows"]:
             table.add_row("  greedy answers = merged model", f"{100 * llama['greedy_agreement']:.0f}% of {llama['rows']} rows")
             table.add_row("  exact match (merged model)", f"{100 * llama['exact_match']:.0f}% ({100 * llama['merged_exact_match']:.0f}%)")

@@ -31,7 +31,7 @@ BYTES_PER_PARAMETER = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32
 # reorders the rows of q_proj / k_proj per head; Qwen2 runs NeoX rope on the HF layout as it is.
 ARCHITECTURES = {
     "llama": ("llama", True), "mistral": ("llama", True), "mixtral": ("llama", True),
-    "qwen2": ("qwen2", False), "qwen3": ("qwen3", False), "phi3": ("phi3", False),
+    "qwen2": ("qwen2", False), "qwen3": ("qwen3", False), "phi3": ("phi3", False), "gemma2": ("gemma2", False),
 }
 # Rope variants llama.cpp reads from metadata (plus llama3's per-frequency factors as a tensor),
 # with the settings of each that the file carries; any other setting changes the computation
@@ -44,8 +44,9 @@ ROPE_CARRIED = {
 }
 ROPE_TYPES = tuple(ROPE_CARRIED)
 ROPE_ASSUMED = {"beta_fast": 32, "beta_slow": 1, "partial_rotary_factor": 1.0, "truncate": True}
-# llama.cpp's llama and qwen2 graphs use SiLU in the MLP, whatever the file says.
+# The MLP activation each llama.cpp graph uses, whatever the file says.
 ACTIVATIONS = ("silu", "swish")
+ARCH_ACTIVATIONS = {"gemma2": ("gelu_pytorch_tanh", "gelu_tanh")}
 
 
 @dataclass(frozen=True)
@@ -106,19 +107,39 @@ def uncarried_settings(config, arch: str) -> list[str]:
     config = config.get_text_config()
     problems = []
     window = sliding_window(config)
+    if arch == "gemma2":
+        problems += gemma2_settings(config)
+        window = None  # llama.cpp's gemma2 attends within the file's window on every other layer, as Gemma 2 does
     if window is not None:
         problems.append(
             f"this {config.model_type} model attends within a sliding window of {window} tokens (context {config.max_position_embeddings}), "
             f"which llama.cpp's {arch} architecture does not apply: from token {window + 1} on it attends to every earlier token"
         )
-    activation = getattr(config, "hidden_act", "silu")
-    if activation not in ACTIVATIONS:
-        problems.append(f"this model's MLP activation is {activation!r}, and llama.cpp's {arch} architecture always uses SiLU")
+    activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+    expected = ARCH_ACTIVATIONS.get(arch, ACTIVATIONS)
+    if activation not in expected:
+        problems.append(f"this model's MLP activation is {activation!r}, and llama.cpp's {arch} architecture always uses {expected[0]}")
     rope = rope_parameters(config)
     carried = ROPE_CARRIED.get(rope["rope_type"], set())
     for key, value in sorted(rope.items()):
         if key not in carried and value is not None and ROPE_ASSUMED.get(key) != value:
             problems.append(f"rope setting {key}={value!r} ({rope['rope_type']}) has no place in llama.cpp's {arch} metadata")
+    return problems
+
+
+def gemma2_settings(config) -> list[str]:
+    """What llama.cpp's gemma2 graph assumes: tied output, the query scale of its model size, and
+    sliding layers alternating from the first (its default pattern)."""
+    problems = []
+    if not getattr(config, "tie_word_embeddings", True):
+        problems.append("this gemma2 model has its own lm_head, and llama.cpp's gemma2 architecture reuses the token embeddings as output")
+    scale = config.query_pre_attn_scalar
+    expected = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 46 else head_dim(config)
+    if scale != expected:
+        problems.append(f"query_pre_attn_scalar={scale}, and llama.cpp's gemma2 architecture scales queries by 1/sqrt({expected})")
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and any((kind == "sliding_attention") != (index % 2 == 0) for index, kind in enumerate(layer_types)):
+        problems.append("this gemma2 model's sliding layers do not alternate from the first, as llama.cpp's gemma2 architecture assumes")
     return problems
 
 
@@ -182,6 +203,12 @@ def write_architecture(writer, config, arch: str, gguf_type: str, name: str) -> 
     writer.add_key_length(head_dim(config))
     writer.add_value_length(head_dim(config))
     writer.add_rope_dimension_count(head_dim(config))
+    if arch == "gemma2":
+        if config.attn_logit_softcapping:
+            writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+        if config.final_logit_softcapping:
+            writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        writer.add_sliding_window(int(config.sliding_window))
     experts = getattr(config, "num_local_experts", None)
     if experts:
         writer.add_expert_count(int(experts))
@@ -276,6 +303,8 @@ def converted(tensor, plan: TensorPlan, config, permute: bool) -> np.ndarray:
     values = tensor.detach().float().cpu().numpy()
     if plan.rows is not None:
         values = values[..., plan.rows[0]:plan.rows[1], :]
+    if config.model_type == "gemma2" and plan.source.endswith("norm.weight"):
+        values = values + 1.0  # Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's by weight
     if permute and plan.source.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
         heads = config.num_attention_heads if "q_proj" in plan.source else (config.num_key_value_heads or config.num_attention_heads)
         values = permute_for_rope(values, heads)

