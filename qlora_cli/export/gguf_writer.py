@@ -3,7 +3,8 @@ package's writer: architecture metadata under llama.cpp's keys, tensors under ll
 (f16, bf16 or q8_0; norms and biases stay f32), the tokenizer (gguf_tokenizer.py) and sampling
 defaults from the generation config. Tensors are converted and written one at a time.
 
-Llama-family models (Llama 2/3, SmolLM2, Mistral) and Qwen2 are supported. A setting that changes
+Supported: Llama-family models (Llama 2/3, SmolLM2, Mistral), Mixtral (its experts as llama.cpp's
+stacked `ffn_{gate,up,down}_exps`), Qwen2, Qwen3 and Phi-3 (fused qkv / gate_up as llama.cpp keeps them). A setting that changes
 what the model computes and that llama.cpp would not apply from the file (a sliding window, another
 activation, an unwritten rope setting) refuses the export before anything is written.
 """
@@ -20,11 +21,18 @@ import numpy as np
 from qlora_cli.errors import ConfigError, ModelError
 from qlora_cli.export import gguf_tokenizer
 
-GGUF_TYPES = ("f16", "bf16", "q8_0")
+WRITTEN_TYPES = ("f16", "bf16", "q8_0")  # written here, tensor by tensor
+QUANTIZED_TYPES = ("q4_k_m", "q5_k_m", "q6_k", "q4_0")  # f16 written here, then llama.cpp's quantizer (export/quantize.py)
+GGUF_TYPES = WRITTEN_TYPES + QUANTIZED_TYPES
+# Bytes per parameter of each type (k-quants: llama.cpp's mix of block types for the _m variants).
+BYTES_PER_PARAMETER = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_k_m": 4.9 / 8, "q5_k_m": 5.7 / 8, "q6_k": 6.6 / 8}
 # transformers model_type -> (llama.cpp architecture, q/k rows permuted for llama.cpp's rope).
 # llama.cpp runs Llama and Mistral with interleaved ("normal") rope, so convert_hf_to_gguf.py
 # reorders the rows of q_proj / k_proj per head; Qwen2 runs NeoX rope on the HF layout as it is.
-ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+ARCHITECTURES = {
+    "llama": ("llama", True), "mistral": ("llama", True), "mixtral": ("llama", True),
+    "qwen2": ("qwen2", False), "qwen3": ("qwen3", False), "phi3": ("phi3", False), "gemma2": ("gemma2", False),
+}
 # Rope variants llama.cpp reads from metadata (plus llama3's per-frequency factors as a tensor),
 # with the settings of each that the file carries; any other setting changes the computation
 # unless it holds the value llama.cpp assumes (ROPE_ASSUMED).
@@ -36,8 +44,9 @@ ROPE_CARRIED = {
 }
 ROPE_TYPES = tuple(ROPE_CARRIED)
 ROPE_ASSUMED = {"beta_fast": 32, "beta_slow": 1, "partial_rotary_factor": 1.0, "truncate": True}
-# llama.cpp's llama and qwen2 graphs use SiLU in the MLP, whatever the file says.
+# The MLP activation each llama.cpp graph uses, whatever the file says.
 ACTIVATIONS = ("silu", "swish")
+ARCH_ACTIVATIONS = {"gemma2": ("gelu_pytorch_tanh", "gelu_tanh")}
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,7 @@ class TensorPlan:
     source: str  # the state_dict key
     shape: tuple[int, ...]
     qtype: object  # gguf.GGMLQuantizationType
+    rows: Optional[tuple[int, int]] = None  # a slice of the source's second-to-last axis (a fused tensor's half)
 
 
 def gguf_file_name(gguf_type: str) -> str:
@@ -64,7 +74,7 @@ def check_architecture(config) -> str:
     if model_type not in ARCHITECTURES:
         names = ", ".join(getattr(config, "architectures", None) or [])
         raise ModelError(
-            f"GGUF export supports Llama-family (llama, mistral) and Qwen2 models; this model is {model_type!r}{f' ({names})' if names else ''}. "
+            f"GGUF export supports {', '.join(ARCHITECTURES)} models; this model is {model_type!r}{f' ({names})' if names else ''}. "
             "Use --format hf and convert with llama.cpp's convert_hf_to_gguf.py"
         )
     rope = rope_parameters(config)
@@ -97,19 +107,39 @@ def uncarried_settings(config, arch: str) -> list[str]:
     config = config.get_text_config()
     problems = []
     window = sliding_window(config)
+    if arch == "gemma2":
+        problems += gemma2_settings(config)
+        window = None  # llama.cpp's gemma2 attends within the file's window on every other layer, as Gemma 2 does
     if window is not None:
         problems.append(
             f"this {config.model_type} model attends within a sliding window of {window} tokens (context {config.max_position_embeddings}), "
             f"which llama.cpp's {arch} architecture does not apply: from token {window + 1} on it attends to every earlier token"
         )
-    activation = getattr(config, "hidden_act", "silu")
-    if activation not in ACTIVATIONS:
-        problems.append(f"this model's MLP activation is {activation!r}, and llama.cpp's {arch} architecture always uses SiLU")
+    activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+    expected = ARCH_ACTIVATIONS.get(arch, ACTIVATIONS)
+    if activation not in expected:
+        problems.append(f"this model's MLP activation is {activation!r}, and llama.cpp's {arch} architecture always uses {expected[0]}")
     rope = rope_parameters(config)
     carried = ROPE_CARRIED.get(rope["rope_type"], set())
     for key, value in sorted(rope.items()):
         if key not in carried and value is not None and ROPE_ASSUMED.get(key) != value:
             problems.append(f"rope setting {key}={value!r} ({rope['rope_type']}) has no place in llama.cpp's {arch} metadata")
+    return problems
+
+
+def gemma2_settings(config) -> list[str]:
+    """What llama.cpp's gemma2 graph assumes: tied output, the query scale of its model size, and
+    sliding layers alternating from the first (its default pattern)."""
+    problems = []
+    if not getattr(config, "tie_word_embeddings", True):
+        problems.append("this gemma2 model has its own lm_head, and llama.cpp's gemma2 architecture reuses the token embeddings as output")
+    scale = config.query_pre_attn_scalar
+    expected = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 46 else head_dim(config)
+    if scale != expected:
+        problems.append(f"query_pre_attn_scalar={scale}, and llama.cpp's gemma2 architecture scales queries by 1/sqrt({expected})")
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and any((kind == "sliding_attention") != (index % 2 == 0) for index, kind in enumerate(layer_types)):
+        problems.append("this gemma2 model's sliding layers do not alternate from the first, as llama.cpp's gemma2 architecture assumes")
     return problems
 
 
@@ -173,6 +203,16 @@ def write_architecture(writer, config, arch: str, gguf_type: str, name: str) -> 
     writer.add_key_length(head_dim(config))
     writer.add_value_length(head_dim(config))
     writer.add_rope_dimension_count(head_dim(config))
+    if arch == "gemma2":
+        if config.attn_logit_softcapping:
+            writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+        if config.final_logit_softcapping:
+            writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        writer.add_sliding_window(int(config.sliding_window))
+    experts = getattr(config, "num_local_experts", None)
+    if experts:
+        writer.add_expert_count(int(experts))
+        writer.add_expert_used_count(int(config.num_experts_per_tok))
     rope = rope_parameters(config)
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     if rope["rope_type"] == "linear":
@@ -223,12 +263,31 @@ def plan_tensors(state_dict: dict, config, arch: str, gguf_type: str) -> list[Te
             continue  # llama.cpp reuses token_embd when output.weight is absent
         if key.endswith("rotary_emb.inv_freq"):
             continue
+        shape = tuple(tensor.shape)
+        experts = expert_plans(key, shape, gguf_type)
+        if experts:
+            plans += experts
+            continue
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ModelError(f"GGUF export does not know where llama.cpp keeps {key} ({arch}); use --format hf")
-        shape = tuple(tensor.shape)
         plans.append(TensorPlan(name, key, shape, tensor_type(shape, gguf_type)))
     return plans
+
+
+def expert_plans(key: str, shape: tuple[int, ...], gguf_type: str) -> list[TensorPlan]:
+    """transformers 5 keeps a MoE layer's experts stacked: gate_up_proj (experts, 2 x ff, hidden),
+    gate first, and down_proj (experts, hidden, ff); llama.cpp wants ffn_gate_exps, ffn_up_exps
+    and ffn_down_exps, each (experts, out, in)."""
+    if not key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+        return []
+    block = int(key.split("layers.")[1].split(".")[0])
+    if key.endswith("down_proj"):
+        return [TensorPlan(f"blk.{block}.ffn_down_exps.weight", key, shape, tensor_type(shape, gguf_type))]
+    half = shape[1] // 2
+    part = (shape[0], half, shape[2])
+    return [TensorPlan(f"blk.{block}.ffn_gate_exps.weight", key, part, tensor_type(part, gguf_type), (0, half)),
+            TensorPlan(f"blk.{block}.ffn_up_exps.weight", key, part, tensor_type(part, gguf_type), (half, 2 * half))]
 
 
 def tensor_bytes(shape: tuple[int, ...], qtype) -> int:
@@ -242,6 +301,10 @@ def converted(tensor, plan: TensorPlan, config, permute: bool) -> np.ndarray:
     import gguf
 
     values = tensor.detach().float().cpu().numpy()
+    if plan.rows is not None:
+        values = values[..., plan.rows[0]:plan.rows[1], :]
+    if config.model_type == "gemma2" and plan.source.endswith("norm.weight"):
+        values = values + 1.0  # Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's by weight
     if permute and plan.source.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
         heads = config.num_attention_heads if "q_proj" in plan.source else (config.num_key_value_heads or config.num_attention_heads)
         values = permute_for_rope(values, heads)
@@ -254,16 +317,18 @@ def converted(tensor, plan: TensorPlan, config, permute: bool) -> np.ndarray:
 
 
 def expected_size(parameters: int, gguf_type: str) -> int:
-    """Bytes the file takes, from the parameter count (headroom for metadata and vectors)."""
-    per_parameter = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}[gguf_type]
-    return int(parameters * per_parameter) + 64 * 2**20
+    """Bytes the file takes, from the parameter count (headroom for metadata and vectors); a
+    quantized type also needs room for the f16 file it is made from."""
+    source = parameters * 2.0 if gguf_type in QUANTIZED_TYPES else 0
+    return int(parameters * BYTES_PER_PARAMETER[gguf_type] + source) + 64 * 2**20
 
 
 def write_gguf(model, tokenizer, path: Path, gguf_type: str, name: str) -> dict:
     """Write `model` (a transformers causal LM) and `tokenizer` to `path`; returns a summary."""
     import gguf
 
-    check_gguf_type(gguf_type)
+    if gguf_type not in WRITTEN_TYPES:
+        raise ConfigError(f"GGUF type {gguf_type!r} is made by llama.cpp's quantizer (export/quantize.py), not written here")
     config = model.config.get_text_config()
     arch = check_architecture(model.config)
     permute = ARCHITECTURES[config.model_type][1]

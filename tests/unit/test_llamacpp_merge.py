@@ -1,0 +1,87 @@
+"""`qlora merge --format gguf | gguf-lora` checked in llama.cpp itself, on a tiny Llama run with a
+byte-level BPE tokenizer: the report holds llama.cpp's tokenization of >= 200 strings (identical to
+transformers'), its greedy answers to the eval prompts rendered from the GGUF's own chat template
+(the merged model's), their stop rate and exact match; k-quants are made by llama.cpp's quantizer
+(with an importance matrix on request); a LoRA GGUF on the base GGUF answers as the merged model."""
+
+import json
+
+import pytest
+
+from qlora_cli.errors import ConfigError, ModelError
+from qlora_cli.export import gguf_lora, llamacpp
+from qlora_cli.merge import fold
+from tests.llamacpp import llamacpp_runtime  # noqa: F401 - fixture
+from tests.unit.test_gguf_export import build_tiny_bpe_tokenizer, build_tiny_model
+from tests.unit.tiny_run import make_run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama-bpe")
+    tokenizer = build_tiny_bpe_tokenizer("gpt-2")
+    build_tiny_model("llama", len(tokenizer) + 12).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return make_run(folder.parent / "run", folder, bits=16)
+
+
+def merge(run, output, dtype="fp32", **options):
+    result = fold.run_merge(run, output, dtype=dtype, show_progress=False, **options)
+    return result, json.loads((output / "merge_report.json").read_text())
+
+
+def test_merged_gguf_answers_in_llama_cpp_as_the_merged_model(tiny_run, tmp_path, llamacpp_runtime):  # noqa: F811
+    # A random model rambles to the budget over near-tied logits, so f16 rounding flips some late
+    # token in a row or two of eight (measured 75-88%): the 98% bound is the demo run's test
+    # (tests/integration/test_llamacpp_demo.py); here a wrong layout (near 0%) is what must fail.
+    gguf_type = "f16"
+    result, report = merge(tiny_run, tmp_path / gguf_type, formats="gguf", gguf_type=gguf_type)
+    assert result.failures == [] and all("greedy answers agree" in failure for failure in result.gguf_failures)
+    check = report["gguf"]["llamacpp"]
+    assert check["tokenization"]["texts"] >= 200
+    tokens = check["tokenization"]
+    assert tokens["identical"] + tokens["explained"] == tokens["texts"] and tokens["explained"] <= 2, tokens
+    assert check["rows"] == 8 and check["template_renders_equal"] == 8
+    assert check["greedy_agreement"] >= 0.5 and check["stopped"] >= check["merged_stopped"]
+    assert check["end_of_generation_tokens"] and "<|im_end|>" in check["end_of_generation_tokens"]
+    assert sorted(path.name for path in (tmp_path / gguf_type).iterdir()) == ["Modelfile", "merge_report.json", f"model-{gguf_type}.gguf"]
+
+
+def test_k_quant_is_made_by_llama_cpp_and_judged_by_the_task(tiny_run, tmp_path, llamacpp_runtime):  # noqa: F811
+    result, report = merge(tiny_run, tmp_path / "q", formats="gguf", gguf_type="q4_k_m", imatrix=True)
+    exported = report["gguf"]
+    assert exported["quantizer"].startswith("llama.cpp") and exported["imatrix_rows"] == 8
+    assert not (tmp_path / "q" / "model-q4_k_m.f16-source.gguf").exists()
+    f16_bytes = 2 * report["parameters"]
+    assert exported["bytes"] < 0.75 * f16_bytes  # rows of 64 are too short for Q4_K's 256-blocks: llama.cpp falls back per tensor
+    check = exported["llamacpp"]
+    assert check["tokenization"]["differences"] == []
+    assert check["exact_match"] >= check["merged_exact_match"] - 0.05 or result.gguf_failures
+
+
+def test_lora_gguf_on_the_base_gguf_answers_as_the_merged_model(tiny_run, tmp_path, llamacpp_runtime):  # noqa: F811
+    output = tmp_path / "lora"
+    result, report = merge(tiny_run, output, dtype="fp16", formats="gguf-lora")
+    assert all("greedy answers agree" in failure for failure in result.gguf_failures)
+    assert sorted(path.name for path in output.iterdir()) == ["Modelfile", "adapter-lora.gguf", "base-f16.gguf", "merge_report.json"]
+    check = report["gguf"]["llamacpp"]
+    assert check["loras"] == ["adapter-lora.gguf"] and check["greedy_agreement"] >= 0.5
+    assert "ADAPTER ./adapter-lora.gguf" in (output / "Modelfile").read_text()
+    # Without the adapter the base GGUF answers differently: the adapter is what makes them agree.
+    with llamacpp.Model(output / "base-f16.gguf") as base, llamacpp.Model(output / "base-f16.gguf", loras=[(output / "adapter-lora.gguf", 1.0)]) as both:
+        ids = base.tokenize("the cat and the dog", add_special=False)
+        assert abs(base.logits(ids) - both.logits(ids)).max() > 1e-2
+
+
+def test_options_llama_cpp_cannot_honour_are_one_line_errors(tiny_run, tmp_path):
+    with pytest.raises(ConfigError, match="--imatrix guides llama.cpp's quantizer"):
+        fold.run_merge(tiny_run, tmp_path / "a", formats="gguf", gguf_type="q8_0", imatrix=True, show_progress=False)
+    with pytest.raises(ConfigError, match="each write a Modelfile; choose one"):
+        fold.run_merge(tiny_run, tmp_path / "a", formats="gguf,gguf-lora", show_progress=False)
+    with pytest.raises(ConfigError, match="drop --base dequantized"):
+        fold.run_merge(tiny_run, tmp_path / "a", formats="gguf-lora", base_mode="dequantized", show_progress=False)
+    with pytest.raises(ModelError, match="not DoRA"):
+        gguf_lora.check_lora({"peft_type": "LORA", "use_dora": True})
+    with pytest.raises(ModelError, match=r"not the fully trained \['lm_head'\]"):
+        gguf_lora.check_lora({"peft_type": "LORA", "modules_to_save": ["lm_head"]})
+    assert not (tmp_path / "a").exists()
