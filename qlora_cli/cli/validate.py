@@ -11,6 +11,7 @@ import typer
 from qlora_cli.cli.console import JsonOption, SetOption, kv_table, out
 from qlora_cli.recipe.adapter_section import describe as describe_adapter
 from qlora_cli.recipe.loader import load_recipe
+from qlora_cli.recipe.objective_section import describe as describe_objective
 
 
 def validate(
@@ -31,6 +32,7 @@ def validate(
         "model": config.model.path,
         "quantization": f"{config.quantization.bits}-bit",
         "adapter": describe_adapter(config),
+        "objective": describe_objective(config),
         "format": config.data.format,
         "train": train_stats.summary(),
         "eval": eval_stats.summary() if eval_stats else None,
