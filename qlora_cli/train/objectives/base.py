@@ -20,6 +20,8 @@ class Objective:
     # Trainer's common keywords) -> the trainer
     build: Callable
     curves: tuple[str, ...] = ()  # logged metrics plotted into objective.png
+    # recipe -> None: cheap checks before any model loads (ConfigError / DataError, one line)
+    check: Callable = lambda recipe: None
 
 
 class _NoModelCard:
