@@ -15,7 +15,6 @@ import math
 import re
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -96,15 +95,23 @@ def _import_user_function(spec: str, where: str) -> Callable:
     return function
 
 
+def _named(function: Callable, name: str, settings: dict) -> Callable:
+    """The built-in with its recipe settings, named as the recipe names it (TRL logs rewards/<name>/mean)."""
+
+    def reward(prompts, completions, **kwargs):
+        return function(prompts, completions, **settings, **kwargs)
+
+    reward.__name__ = name
+    return reward
+
+
 def resolve(reward: RewardSection, where: str) -> Callable:
     """The reward as TRL calls it: f(prompts, completions, **columns) -> list of floats."""
     if reward.function in BUILTINS:
         settings = {"pattern": reward.pattern} if reward.function in ("regex_match", "format") else {}
         if reward.function == "length_penalty":
             settings = {"target_tokens": reward.target_tokens}
-        function = partial(BUILTINS[reward.function], **settings)
-        function.__name__ = reward.function  # TRL names the logged curve rewards/<__name__>/mean
-        return function
+        return _named(BUILTINS[reward.function], reward.function, settings)
     return _import_user_function(reward.function, where)
 
 

@@ -105,6 +105,8 @@ def check(recipe) -> None:
                 f"train.micro_batch_size x gradient_accumulation_steps ({batch}) must be a multiple of grpo.num_generations "
                 f"({recipe.grpo.num_generations}): each step scores whole groups of completions"
             )
+    if objective == "kto" and recipe.train.micro_batch_size < 2:
+        raise ValueError("objective kto estimates its KL term from the other rows of a micro-batch: set train.micro_batch_size: 2 or more")
     preference = recipe.preference
     if preference.loss_type != "sigmoid" and objective != "dpo":
         raise ValueError(f"preference.loss_type applies to objective dpo, not {objective}")

@@ -5,7 +5,7 @@ name in recipe/objective_section.py's `Objective`; tests/unit/test_objectives.py
 
 from __future__ import annotations
 
-from qlora_cli.train.objectives import dpo, grpo, sft
+from qlora_cli.train.objectives import dpo, grpo, kto, orpo, sft
 from qlora_cli.train.objectives.base import Objective
 
 OBJECTIVES: dict[str, Objective] = {
@@ -13,6 +13,8 @@ OBJECTIVES: dict[str, Objective] = {
     for objective in (
         sft.OBJECTIVE,
         dpo.OBJECTIVE,
+        kto.OBJECTIVE,
+        orpo.OBJECTIVE,
         grpo.OBJECTIVE,
     )
 }

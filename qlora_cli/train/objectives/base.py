@@ -69,3 +69,22 @@ class PreTokenized:
 
     def _prepare_dataset(self, dataset, *args, **kwargs):
         return dataset
+
+
+class PairRows:
+    """TRL's older pair trainers (CPO for SimPO, ORPO) tokenize text rows themselves: here each row
+    becomes the keys they expect from data/preference.py's ids, and their batches (chosen and rejected
+    sequences, each with its own attention mask) are counted by the token meter."""
+
+    def tokenize_row(self, feature, model=None) -> dict:
+        prompt = feature["prompt_ids"]
+        row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+        for name in ("chosen", "rejected"):
+            response = feature[f"{name}_ids"]
+            row[f"{name}_input_ids"] = prompt + response
+            row[f"{name}_attention_mask"] = [1] * (len(prompt) + len(response))
+            row[f"{name}_labels"] = [-100] * len(prompt) + response
+        return row
+
+    def count_tokens(self, inputs) -> int:
+        return int(inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum())

@@ -7,7 +7,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 
 from qlora_cli.train.objectives.base import (
-    Objective, PreTokenized, restore_reference_and_dtypes, trainable_dtypes, trl_config_kwargs, trl_trainer_class,
+    Objective, PairRows, PreTokenized, restore_reference_and_dtypes, trainable_dtypes, trl_config_kwargs, trl_trainer_class,
 )
 
 CURVES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -32,7 +32,20 @@ def build(ready, args_kwargs: dict, trainer_kwargs: dict):
 
 
 def build_simpo(ready, args_kwargs: dict, trainer_kwargs: dict):
-    raise NotImplementedError
+    """SimPO: CPO's loss with loss_type simpo and no behaviour-cloning term (cpo_alpha 0); no reference at all."""
+    preference = ready.recipe.preference
+    args = CPOConfig(
+        **trl_config_kwargs(args_kwargs),
+        loss_type="simpo",
+        cpo_alpha=0.0,
+        beta=preference.beta,
+        simpo_gamma=preference.simpo_gamma,
+        max_length=ready.recipe.data.max_seq_len,  # rows are already cut to it (data/preference.py)
+    )
+    dtypes = trainable_dtypes(ready.adapter.model)
+    trainer = trl_trainer_class(CPOTrainer, PairRows)(args=args, **trainer_kwargs)
+    restore_reference_and_dtypes(trainer, dtypes)
+    return trainer
 
 
 OBJECTIVE = Objective("dpo", "direct preference optimisation on (prompt, chosen, rejected) pairs", build, CURVES)
