@@ -22,9 +22,11 @@ def validate(
     """Check a recipe and its data (fields, label masks, token lengths) without loading the model."""
     # The wings load torch / transformers: imported when the command runs, so `qlora --help` stays fast.
     from qlora_cli.data.splits import load_splits
+    from qlora_cli.evaluate.rewards import check_recipe_rewards
     from qlora_cli.model.loading import load_tokenizer
 
     config = load_recipe(recipe, set_)
+    check_recipe_rewards(config)  # GRPO: each reward imported and called once on the first rows
     tokenizer = load_tokenizer(config.model)
     _, _, train_stats, eval_stats = load_splits(config.data, tokenizer, config.train.seed)
     summary = {

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from qlora_cli.data.sources import load_rows
 from qlora_cli.data.splits import eval_rows_for_generation, tokenize_rows
 from qlora_cli.errors import ConfigError, library_message
 from qlora_cli.evaluate import inference
@@ -147,6 +148,17 @@ def checked_rewards(recipe: Recipe, rows: list[dict]) -> list[Callable]:
         dry_call(function, reward.function, where, rows)
         functions.append(function)
     return functions
+
+
+def check_recipe_rewards(recipe: Recipe) -> None:
+    """Every reward resolved and called on the first training rows (as loaded, the reference column mapped),
+    before any model loads; a no-op for other objectives."""
+    if recipe.train.objective != "grpo":
+        return
+    rows = load_rows(recipe.data.train, recipe.data.split, "data.train")
+    first = [dict(rows[index]) for index in range(min(2, len(rows)))]
+    reference = recipe.data.columns.reference
+    checked_rewards(recipe, [{**row, "reference": row[reference]} if reference in row else row for row in first])
 
 
 def score_completions(functions: list[Callable], recipe: Recipe, prompts: list[str], completions: list[str], columns: dict) -> dict:

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from trl import GRPOConfig, GRPOTrainer
 
-from qlora_cli.data.sources import load_rows
-from qlora_cli.evaluate.rewards import checked_rewards
+from qlora_cli.evaluate.rewards import check_recipe_rewards, checked_rewards
 from qlora_cli.model import quantized
 from qlora_cli.train import distributed
 from qlora_cli.train.objectives.base import (
@@ -34,14 +33,6 @@ class GeneratedBatches:
         return inputs
 
 
-def check(recipe) -> None:
-    """Every reward resolved and called on the first training rows, before any model loads."""
-    rows = load_rows(recipe.data.train, recipe.data.split, "data.train")
-    first = [dict(rows[index]) for index in range(min(2, len(rows)))]
-    reference = recipe.data.columns.reference
-    checked_rewards(recipe, [{**row, "reference": row[reference]} if reference in row else row for row in first])
-
-
 def build(ready, args_kwargs: dict, trainer_kwargs: dict):
     recipe = ready.recipe
     grpo = recipe.grpo
@@ -63,4 +54,4 @@ def build(ready, args_kwargs: dict, trainer_kwargs: dict):
     return trainer
 
 
-OBJECTIVE = Objective("grpo", "group-relative policy optimisation with reward functions on generated completions", build, CURVES, check)
+OBJECTIVE = Objective("grpo", "group-relative policy optimisation with reward functions on generated completions", build, CURVES, check_recipe_rewards)
