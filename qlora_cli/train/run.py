@@ -162,6 +162,7 @@ def publish(trainer, ready: Setup, meter: TokenMeter, guard: NonFiniteLossGuard,
         with checkpointing.disk_errors("metrics.json", output_dir):
             metrics = write_metrics(output_dir / "metrics.json", trainer.state, meter, extra)
         plots.write_loss_plot(output_dir, metrics)
+        plots.write_objective_plot(output_dir, metrics, objectives.objective(ready.recipe.train.objective).curves)
     if guard.bad_step is None:
         trainer.adapter_went_nonfinite()
     guard.raise_if_tripped(output_dir)

@@ -13,7 +13,7 @@ from qlora_cli.train.objectives.base import (
     Objective, restore_reference_and_dtypes, trainable_dtypes, trl_config_kwargs, trl_trainer_class,
 )
 
-CURVES = ("reward", "reward_std", "kl", "completions/mean_length")
+CURVES = ("reward", "rewards/*/mean", "kl", "completions/mean_length")
 
 
 class GeneratedBatches:
