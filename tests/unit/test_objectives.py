@@ -1,6 +1,6 @@
 """Objectives beyond SFT on the tiny Llama: the preference / unpaired / prompt-only formats mask
 exactly the responses, each bad row or reward is one line naming it, DPO's loss falls and the adapter
-ends up preferring `chosen`, and a stopped DPO run resumes onto the same curve."""
+ends up preferring `chosen` (kill / resume and DDP: test_objectives_processes.py)."""
 
 import json
 import typing
@@ -12,11 +12,9 @@ from qlora_cli.errors import ConfigError
 from qlora_cli.evaluate import rewards
 from qlora_cli.recipe import objective_section
 from qlora_cli.recipe.schema import TrainSection
-from qlora_cli.train.checkpointing import checkpoints
 from qlora_cli.train.objectives import OBJECTIVES
 from qlora_cli.train.run import run_training
 from tests.conftest import invoke, losses, one_line_error, recipe_from, write_jsonl, write_recipe
-from tests.unit.test_train import InterruptAt
 
 PAIRS = [("cat", "music", "sports"), ("dog", "sports", "music"), ("red", "weather", "cooking"), ("blue", "cooking", "weather")]
 
@@ -147,13 +145,3 @@ def test_dpo_lowers_its_loss_and_the_adapter_prefers_chosen(dpo_dict):
     assert (result.output_dir / "loss.png").is_file() and not (result.output_dir / "ref").exists()
     assert result.metrics["tokens_seen"] == 8 * 4 * 2 * 12  # 8 steps x 4 pairs x 2 sequences x 12 tokens
 
-
-def test_a_stopped_dpo_run_resumes_onto_the_same_curve(dpo_dict, tmp_path):
-    reference = run_training(recipe_from(dpo_dict, output={"dir": str(tmp_path / "ref")}), show_progress=False)
-    recipe = recipe_from(dpo_dict, output={"dir": str(tmp_path / "cut")})
-    first = run_training(recipe, show_progress=False, callbacks=(InterruptAt(3),))
-    assert first.interrupted and [p.name for p in checkpoints(first.output_dir)] == ["checkpoint-3"]
-    resumed = run_training(recipe, resume=True, show_progress=False)
-    cut, ref = losses(resumed.output_dir), losses(reference.output_dir)
-    assert sorted(cut) == list(range(1, 9))
-    assert all(cut[step] == pytest.approx(ref[step], rel=1e-3, abs=1e-5) for step in ref)
