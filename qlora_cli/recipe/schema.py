@@ -31,6 +31,11 @@ class ModelSection(_Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="Attention kernel; auto = flash_attention_2 if installed on GPU, else sdpa."
     )
+    init_adapter: Optional[str] = Field(
+        None,
+        description="Continue a trained LoRA adapter (a run directory) instead of a fresh one, e.g. DPO after SFT; "
+        "its own settings replace the lora section, and dpo / kto / grpo use base + that adapter, frozen, as the reference.",
+    )
 
 
 class QuantizationSection(_Section):

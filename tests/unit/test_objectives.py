@@ -145,3 +145,14 @@ def test_dpo_lowers_its_loss_and_the_adapter_prefers_chosen(dpo_dict):
     assert (result.output_dir / "loss.png").is_file() and not (result.output_dir / "ref").exists()
     assert result.metrics["tokens_seen"] == 8 * 4 * 2 * 12  # 8 steps x 4 pairs x 2 sequences x 12 tokens
 
+
+
+def test_dpo_after_sft_uses_the_sft_adapter_as_its_frozen_reference(recipe_dict, dpo_dict, tmp_path):
+    sft = run_training(recipe_from(recipe_dict, train={"max_steps": 3, "learning_rate": 3e-2}, output={"dir": str(tmp_path / "sft")}),
+                       show_progress=False)
+    recipe = recipe_from(dpo_dict, model={"init_adapter": str(sft.output_dir)}, train={"max_steps": 2}, output={"dir": str(tmp_path / "dpo")})
+    result = run_training(recipe, show_progress=False)
+    # The policy starts equal to its reference, so the first loss is log 2: the reference is base + the SFT
+    # adapter (were it the base alone, the SFT adapter's changes would show as a non-zero margin).
+    assert losses(result.output_dir)[1] == pytest.approx(0.6931, abs=1e-4)
+    assert not (result.output_dir / "ref").exists()  # the run saves the trained adapter only

@@ -52,12 +52,13 @@ def trainable_dtypes(model) -> dict:
     return {name: param.dtype for name, param in model.named_parameters() if param.requires_grad}
 
 
-def restore_reference_and_dtypes(trainer, dtypes: dict) -> None:
+def restore_reference_and_dtypes(trainer, dtypes: dict, continued: bool) -> None:
     """After a TRL trainer's __init__: drop the "ref" copy it adds of a fresh adapter (the reference is then
-    the base with the adapter disabled, as TRL does when no copy exists) and put back the adapter's dtypes
+    the base with the adapter disabled, as TRL does when no copy exists; a continued adapter, model.init_adapter,
+    keeps its frozen copy: base + that adapter is the reference) and put back the adapter's dtypes
     (TRL casts a 4-bit base's adapter to bf16, which CPUs emulate ~10x slower than fp32)."""
     model = trainer.model
-    if "ref" in getattr(model, "peft_config", {}):
+    if "ref" in getattr(model, "peft_config", {}) and not continued:
         model.delete_adapter("ref")
     for name, param in model.named_parameters():
         if name in dtypes and param.dtype != dtypes[name]:

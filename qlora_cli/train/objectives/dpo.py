@@ -27,7 +27,7 @@ def build(ready, args_kwargs: dict, trainer_kwargs: dict):
     )
     dtypes = trainable_dtypes(ready.adapter.model)
     trainer = trl_trainer_class(DPOTrainer, PreTokenized)(args=args, **trainer_kwargs)
-    restore_reference_and_dtypes(trainer, dtypes)
+    restore_reference_and_dtypes(trainer, dtypes, continued=ready.recipe.model.init_adapter is not None)
     return trainer
 
 
@@ -44,7 +44,7 @@ def build_simpo(ready, args_kwargs: dict, trainer_kwargs: dict):
     )
     dtypes = trainable_dtypes(ready.adapter.model)
     trainer = trl_trainer_class(CPOTrainer, PairRows)(args=args, **trainer_kwargs)
-    restore_reference_and_dtypes(trainer, dtypes)
+    restore_reference_and_dtypes(trainer, dtypes, continued=ready.recipe.model.init_adapter is not None)
     return trainer
 
 

@@ -16,7 +16,7 @@ def build(ready, args_kwargs: dict, trainer_kwargs: dict):
     args = ORPOConfig(**trl_config_kwargs(args_kwargs), beta=ready.recipe.preference.beta, max_length=ready.recipe.data.max_seq_len)
     dtypes = trainable_dtypes(ready.adapter.model)
     trainer = trl_trainer_class(ORPOTrainer, PairRows)(args=args, **trainer_kwargs)
-    restore_reference_and_dtypes(trainer, dtypes)
+    restore_reference_and_dtypes(trainer, dtypes, continued=ready.recipe.model.init_adapter is not None)
     return trainer
 
 
