@@ -148,3 +148,52 @@ def write_loss_plot(output_dir: Path, metrics: dict) -> Optional[Path]:
 
         warnings.warn(f"could not draw {output_dir / PLOT_NAME}: {exc}", RuntimeWarning, stacklevel=2)
         return None
+
+
+OBJECTIVE_PLOT_NAME = "objective.png"
+
+
+def write_objective_plot(output_dir: Path, metrics: dict, patterns: tuple[str, ...]) -> Optional[Path]:
+    """objective.png beside loss.png: the objective's own logged curves (fnmatch patterns, e.g. DPO's
+    rewards/margins, GRPO's rewards/*/mean), train solid and eval dashed, one panel each. Like loss.png,
+    a failure to draw is a warning."""
+    import fnmatch
+
+    history = metrics.get("log_history") or []
+    logged = list(dict.fromkeys(key for entry in history for key in entry))
+    keys = [key for pattern in patterns for key in fnmatch.filter(logged, pattern)]
+    keys = list(dict.fromkeys(keys))
+    if not keys:
+        return None
+    path = Path(output_dir) / OBJECTIVE_PLOT_NAME
+
+    def figure():
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        columns = min(3, len(keys))
+        rows = -(-len(keys) // columns)
+        drawing = Figure(figsize=(4 * columns, 3 * rows), dpi=100, layout="constrained")
+        FigureCanvasAgg(drawing)
+        axes = drawing.subplots(rows, columns, squeeze=False).flatten()
+        for axis, key in zip(axes, keys):
+            for name, style in ((key, "-"), (f"eval_{key}", "--")):
+                data = series(history, name)
+                if data.values:
+                    axis.plot(data.steps, data.values, linestyle=style, marker="o" if len(data.values) <= MARKED_POINTS else None,
+                              markersize=3, label="eval" if style == "--" else "train")
+            axis.set_title(key, fontsize="small")
+            axis.set_xlabel("optimizer step")
+            axis.grid(True, alpha=0.3)
+        for axis in axes[len(keys):]:
+            axis.set_visible(False)
+        drawing.suptitle(f"{Path(output_dir).name}: objective curves")
+        return drawing
+
+    try:
+        return write_atomic(path, lambda temporary: figure().savefig(temporary, format="png"))
+    except Exception as exc:  # noqa: BLE001 - the adapter still has to be saved after this
+        import warnings
+
+        warnings.warn(f"could not draw {path}: {exc}", RuntimeWarning, stacklevel=2)
+        return None

@@ -30,6 +30,8 @@ LABELS = {
     "logits_and_loss": "logits + loss",
     "allocator_overhead": "allocator overhead",
     "cuda_context": "CUDA context",
+    "reference_forward": "reference forward (no grad)",
+    "generation_kv_cache": "KV cache while generating",
 }
 
 

@@ -33,6 +33,8 @@ def evaluate(
     recipe, adapter_dir = resolve_target(target, set_, data)
     if output is None:
         output = (adapter_dir if adapter_dir.is_dir() else Path(".")) / "eval.json"
+    if recipe.train.objective != "sft":
+        return _evaluate_objective(recipe, adapter_dir, kinds, max_samples, max_new_tokens, batch_size, output, as_json)
     # eval.json goes into a run directory: not while another process writes there (a run still training).
     with writer_lock(output.parent, "this evaluation"):
         report = run_evaluation(recipe, adapter_dir, kinds, merged, max_samples, max_new_tokens, batch_size, show_progress=not as_json)
@@ -60,3 +62,49 @@ def evaluate(
     scored = next(iter(report["models"].values()))["scored_tokens"]
     out.print(f"{report['rows']} rows, {scored:,} scored tokens, {report['quantization']} base, {report['compute_dtype']} compute, "
               f"{report['wall_time_s']} s; wrote {output}")
+
+
+def _evaluate_objective(recipe, adapter_dir: Path, kinds: list[str], max_samples, max_new_tokens, batch_size: int, output: Path, as_json: bool) -> None:
+    """Preference runs: reward accuracy and margin on held-out pairs; GRPO runs: mean reward per function."""
+    # The wings load torch / transformers: imported when the command runs, so `qlora --help` stays fast.
+    from qlora_cli.errors import ConfigError
+    from qlora_cli.evaluate.preference import run_preference_evaluation
+    from qlora_cli.evaluate.rewards import run_reward_evaluation
+    from qlora_cli.evaluate.scores import write_report
+
+    if "merged" in kinds:
+        raise ConfigError(f"--compare merged: a {recipe.train.objective} run is evaluated as base vs adapter; drop merged (a merged folder scores as its adapter does)")
+    with writer_lock(output.parent, "this evaluation"):
+        if recipe.train.objective == "grpo":
+            report = run_reward_evaluation(recipe, adapter_dir, kinds, max_samples, max_new_tokens, batch_size, show_progress=not as_json)
+        else:
+            report = run_preference_evaluation(recipe, adapter_dir, kinds, max_samples, batch_size, show_progress=not as_json)
+        write_report(report, output)
+    if as_json:
+        print(json.dumps(report))
+        return
+    table = Table(title=f"qlora evaluate ({recipe.train.objective})", title_justify="left")
+    if recipe.train.objective == "grpo":
+        names = list(report["weights"])
+        columns = ["mean reward", *(f"{name} (x{report['weights'][name]:g})" for name in names), "exact match"]
+        rows = {model: [scores["mean_reward"], *(scores["rewards"][name] for name in names), scores.get("exact_match")]
+                for model, scores in report["models"].items()}
+    else:
+        columns = ["reward accuracy", "mean margin (nats)", "chosen logp", "rejected logp"]
+        rows = {model: [scores["reward_accuracy"], scores["mean_margin"], scores["chosen_logp"], scores["rejected_logp"]]
+                for model, scores in report["models"].items()}
+    for column in ("model", *columns):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for model, values in rows.items():
+        table.add_row(model, *("n/a" if value is None else f"{value:.3f}" for value in values))
+    out.print(table)
+    if recipe.train.objective == "grpo" and report["examples"]:
+        examples = Table(title="examples", title_justify="left")
+        for column in report["examples"][0]:
+            examples.add_column(column)
+        for example in report["examples"][:3]:
+            examples.add_row(*example.values())
+        out.print(examples)
+    if not report["held_out"]:
+        err.print("[yellow]warning:[/] the recipe has no eval data (data.eval / data.eval_split): these are training rows")
+    out.print(f"{report['rows']} rows, {report['quantization']} base, {report['compute_dtype']} compute, {report['wall_time_s']} s; wrote {output}")

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
+from qlora_cli.data import preference
 from qlora_cli.errors import DataError, library_message
 from qlora_cli.recipe.paths import is_local_path
 from qlora_cli.recipe.schema import DataSection
@@ -123,6 +124,8 @@ def _json_error(line: str) -> Optional[str]:
 
 def required_columns(data: DataSection) -> list[str]:
     columns = data.columns
+    if data.format in preference.FORMATS:
+        return preference.required_columns(data)
     return {
         "text": [columns.text],
         "alpaca": [columns.instruction, columns.output],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qlora_cli.data import preference
 from qlora_cli.data.formats import IGNORE_INDEX, format_row
 from qlora_cli.data.sources import check_fields, load_rows
 from qlora_cli.errors import DataError
@@ -49,6 +50,8 @@ def tokenize_rows(dataset, data: DataSection, tokenizer, key: str = "data.train"
 
     check_fields(dataset, data, key)
     stats = TokenStats(rows=len(dataset))
+    if data.format in preference.FORMATS:  # pairs / unpaired rows / prompts for the objectives beyond SFT
+        return preference.tokenize_rows(dataset, data, tokenizer, key, stats), stats
     out = {"input_ids": [], "labels": [], "length": []}
     for index, row in enumerate(dataset):
         try:

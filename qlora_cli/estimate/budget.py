@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qlora_cli.estimate import activations, memory, methods
+from qlora_cli.estimate import activations, memory, methods, objectives
 from qlora_cli.estimate.architecture import Architecture
 from qlora_cli.estimate.plan import Plan
 
@@ -79,6 +79,7 @@ def estimate(arch: Architecture, plan: Plan) -> Estimate:
         "optimizer_states": memory.optimizer_state_bytes(tensors, plan.optimizer),
         "activations": act["total"],
         "logits_and_loss": act["loss peak"],
+        **objectives.extra_terms(arch, plan),  # dpo / kto / grpo: reference forward, generation KV cache
     }
     notes = list(arch.notes)
     _spread_over_processes(breakdown, base, arch, plan, notes)

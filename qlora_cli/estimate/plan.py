@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional, Union
 
+from qlora_cli.estimate import objectives
 from qlora_cli.recipe.adapter_section import PROMPT_METHODS
 from qlora_cli.recipe.schema import Recipe
 
@@ -54,6 +55,8 @@ class Plan:
     # bf16 logits + fp32 copy + shifted fp32 copy + fp32 log_softmax alive at once, 14 B per logit
     # against our 12 (transformers 5 shifts the labels instead). 0 = our stack.
     loss_bytes_per_logit: int = 0
+    objective: str = "sft"  # train.objective; estimate/objectives.py sets the fields below
+    reference_forward: bool = False  # a no-grad reference forward beside the policy's (dpo, kto, grpo with beta)
 
     @property
     def tokens(self) -> int:
@@ -106,7 +109,7 @@ def plan_from_recipe(recipe: Recipe, processes: int = 1) -> Plan:
     lora, quant, train = recipe.lora, recipe.quantization, recipe.train
     attention = recipe.model.attn_implementation
     strategy = recipe.distributed.strategy
-    return Plan(
+    return objectives.adjust_plan(recipe, Plan(
         bits=quant.bits,
         quant_type=quant.quant_type,
         double_quant=quant.double_quant,
@@ -127,4 +130,4 @@ def plan_from_recipe(recipe: Recipe, processes: int = 1) -> Plan:
         processes=processes,
         strategy="ddp" if strategy == "auto" else strategy,
         **_method_fields(recipe),
-    )
+    ))

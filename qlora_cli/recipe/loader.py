@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from qlora_cli.errors import ConfigError
 from qlora_cli.recipe.adapter_section import method_sections_to_drop
+from qlora_cli.recipe.objective_section import sections_to_drop
 from qlora_cli.recipe.schema import Recipe
 from qlora_cli.rundir import is_run_dir
 
@@ -223,5 +224,6 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The resolved recipe (every default spelled out) as YAML text, loadable by load_recipe."""
     top, unused = method_sections_to_drop(recipe)
+    top = top | sections_to_drop(recipe)
     data = recipe.model_dump(mode="json", exclude={**{name: True for name in top}, "adapter": unused})
     return yaml.safe_dump(data, sort_keys=False)

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel
 
 from qlora_cli.recipe.adapter_section import method_sections_to_drop
+from qlora_cli.recipe.objective_section import sections_to_drop
 from qlora_cli.recipe.schema import Recipe
 
 SCHEMA = Path(__file__).resolve().parents[2] / "docs" / "recipe.schema.json"
@@ -68,7 +69,8 @@ def render(recipe: Recipe, header: list[str], output: Path) -> str:
                   "`# yaml-language-server: $schema=recipe.schema.json`."]
     for paragraph in header:
         lines.extend(_comment(paragraph, ""))
-    top, unused = method_sections_to_drop(recipe)  # as recipe_to_yaml: only what the method reads
+    top, unused = method_sections_to_drop(recipe)
+    top = top | sections_to_drop(recipe)  # as recipe_to_yaml: only what the method reads
     for name, field in Recipe.model_fields.items():
         if name in top:
             continue

@@ -8,7 +8,9 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from qlora_cli.recipe import objective_section
 from qlora_cli.recipe.adapter_section import AdapterSection, cross_check, prepare_raw
+from qlora_cli.recipe.objective_section import GrpoSection, Objective, PreferenceSection
 
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
@@ -28,6 +30,11 @@ class ModelSection(_Section):
     trust_remote_code: bool = Field(False, description="Run modelling code shipped with the model (off unless you trust it).")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="Attention kernel; auto = flash_attention_2 if installed on GPU, else sdpa."
+    )
+    init_adapter: Optional[str] = Field(
+        None,
+        description="Continue a trained LoRA adapter (a run directory) instead of a fresh one, e.g. DPO after SFT; "
+        "its own settings replace the lora section, and dpo / kto / grpo use base + that adapter, frozen, as the reference.",
     )
 
 
@@ -90,14 +97,21 @@ class ColumnsSection(_Section):
     output: str = Field("output", description="Response column (format: alpaca).")
     messages: str = Field("messages", description="Column with a list of {role, content} messages (format: chat).")
     prompt: str = Field("prompt", description="Prompt column (format: prompt_completion).")
-    completion: str = Field("completion", description="Completion column (format: prompt_completion).")
+    completion: str = Field("completion", description="Completion column (format: prompt_completion, unpaired_preference).")
+    chosen: str = Field("chosen", description="Preferred response: text or an assistant message (format: preference).")
+    rejected: str = Field("rejected", description="Dispreferred response: text or an assistant message (format: preference).")
+    label: str = Field("label", description="true = desirable completion, false = undesirable (format: unpaired_preference).")
+    reference: str = Field("reference", description="Optional reference answer that rewards and evaluation read (format: prompt_only).")
 
 
 class DataSection(_Section):
     train: Union[str, list[str]] = Field(
         description="Training data: jsonl/json/csv/parquet file(s), a saved HF dataset folder, or a hub dataset id."
     )
-    format: Literal["text", "alpaca", "chat", "prompt_completion"] = Field(description="How rows turn into text and which tokens are scored.")
+    format: Literal["text", "alpaca", "chat", "prompt_completion", "preference", "unpaired_preference", "prompt_only"] = Field(
+        description="How rows turn into text and which tokens are scored; preference (prompt, chosen, rejected) for dpo / orpo, "
+        "unpaired_preference (prompt, completion, label) for kto, prompt_only (prompt, optional reference) for grpo."
+    )
     columns: ColumnsSection = Field(default_factory=ColumnsSection, description="Column names, when they differ from the defaults.")
     split: str = Field("train", description="Split to read from a hub id or saved DatasetDict.")
     eval: Optional[Union[str, list[str]]] = Field(None, description="Evaluation data, same kinds as train. Overrides eval_split.")
@@ -123,6 +137,9 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
+    objective: Objective = Field(
+        "sft", description="What the adapter learns from: sft (supervised), dpo, kto, orpo (preferences), grpo (rewards on its own generations)."
+    )
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: Optional[int] = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
@@ -193,12 +210,14 @@ class Recipe(_Section):
     data: DataSection = Field(description="Training and evaluation data.")
     train: TrainSection = Field(default_factory=TrainSection, description="Optimisation settings.")
     output: OutputSection = Field(description="Where results go.")
+    preference: PreferenceSection = Field(default_factory=PreferenceSection, description="Preference objectives (train.objective dpo, kto, orpo).")
+    grpo: GrpoSection = Field(default_factory=GrpoSection, description="GRPO: generations, rewards and KL (train.objective grpo).")
     distributed: DistributedSection = Field(default_factory=DistributedSection, description="Multi-GPU / multi-node training (used only when launched with several processes).")
 
     @model_validator(mode="before")
     @classmethod
     def _prepare(cls, data):
-        return prepare_raw(data)
+        return objective_section.prepare_raw(prepare_raw(data))
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -209,6 +228,7 @@ class Recipe(_Section):
         if self.lora.use_dora and self.quantization.bits == 8:
             raise ValueError("lora.use_dora is not supported with an 8-bit base; use bits 4 or 16")
         cross_check(self)
+        objective_section.check(self)
         return self
 
 

@@ -27,10 +27,15 @@ def precision_flags(dtype: torch.dtype) -> dict:
 
 
 def build_training_args(recipe: Recipe, dtype: torch.dtype, has_eval: bool, model=None) -> TrainingArguments:
+    return TrainingArguments(**training_kwargs(recipe, dtype, has_eval, model))
+
+
+def training_kwargs(recipe: Recipe, dtype: torch.dtype, has_eval: bool, model=None) -> dict:
+    """The recipe as TrainingArguments keywords (an objective's trainer may take them into its own config class)."""
     train = recipe.train
     parallel = distributed.training_kwargs(recipe, distributed.world(), torch.cuda.is_available(), model)
     evaluate_periodically = has_eval and train.eval_steps is not None
-    return TrainingArguments(
+    return dict(
         output_dir=recipe.output.dir,
         num_train_epochs=train.epochs,
         max_steps=train.max_steps or -1,

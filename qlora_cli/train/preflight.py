@@ -13,7 +13,7 @@ from qlora_cli.errors import ConfigError, ResourceError
 from qlora_cli.model import adapters, loading
 from qlora_cli.recipe.schema import Recipe
 from qlora_cli.rundir import check_replaceable
-from qlora_cli.train import checkpointing, distributed, storage
+from qlora_cli.train import checkpointing, distributed, objectives, storage
 
 
 def preflight(
@@ -33,6 +33,7 @@ def preflight(
     check_sources(recipe.data.train, "data.train")
     if recipe.data.eval:
         check_sources(recipe.data.eval, "data.eval")
+    objectives.objective(recipe.train.objective).check(recipe)  # e.g. GRPO's rewards, on a dry call
     if recipe.train.eval_steps and not (recipe.data.eval or recipe.data.eval_split):
         raise ConfigError("train.eval_steps needs eval data: set data.eval or data.eval_split")
     output_dir = Path(recipe.output.dir)

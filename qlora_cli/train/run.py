@@ -17,17 +17,15 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from qlora_cli import plots, rundir
 from qlora_cli.atomic import write_text_atomic
-from qlora_cli.data.collate import build_collator
 from qlora_cli.data.splits import load_splits
 from qlora_cli.model import adapters, kernels, loading
 from qlora_cli.model.adapters import Adapter
 from qlora_cli.recipe.loader import recipe_to_yaml
 from qlora_cli.recipe.schema import Recipe
-from qlora_cli.train import checkpointing, distributed, storage, trackers
-from qlora_cli.train.arguments import build_training_args
+from qlora_cli.train import checkpointing, distributed, objectives, storage, trackers
+from qlora_cli.train.arguments import training_kwargs
 from qlora_cli.train.callbacks import NonFiniteLossGuard, ProgressDisplay, StopOnSignal, TokenMeter, write_metrics
 from qlora_cli.train.preflight import preflight
-from qlora_cli.train.trainer import QloraTrainer
 
 
 @dataclass
@@ -113,12 +111,10 @@ def build_trainer(ready: Setup, show_progress: bool, callbacks: tuple, here: dis
     recipe = ready.recipe
     meter, stop, guard = TokenMeter(), StopOnSignal(), NonFiniteLossGuard()
     display = ProgressDisplay(meter, enabled=show_progress and here.is_main)
-    trainer = QloraTrainer(
+    trainer_kwargs = dict(
         model=ready.adapter.model,
-        args=build_training_args(recipe, ready.dtype, ready.eval_set is not None, ready.adapter.model),
         train_dataset=ready.train_set,
         eval_dataset=ready.eval_set,
-        data_collator=build_collator(recipe.data.packing, ready.tokenizer.pad_token_id, torch.cuda.is_available()),
         processing_class=ready.tokenizer,
         callbacks=[*callbacks, meter, display, stop, guard],
         token_meter=meter,
@@ -127,6 +123,8 @@ def build_trainer(ready: Setup, show_progress: bool, callbacks: tuple, here: dis
         adapter=ready.adapter,
         layer_lr_decay=recipe.adapter.layer_lr_decay,
     )
+    args_kwargs = training_kwargs(recipe, ready.dtype, ready.eval_set is not None, ready.adapter.model)
+    trainer = objectives.objective(recipe.train.objective).build(ready, args_kwargs, trainer_kwargs)
     for default_display in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(default_display)
     trackers.point_into_run(trainer, Path(recipe.output.dir))
@@ -164,6 +162,7 @@ def publish(trainer, ready: Setup, meter: TokenMeter, guard: NonFiniteLossGuard,
         with checkpointing.disk_errors("metrics.json", output_dir):
             metrics = write_metrics(output_dir / "metrics.json", trainer.state, meter, extra)
         plots.write_loss_plot(output_dir, metrics)
+        plots.write_objective_plot(output_dir, metrics, objectives.objective(ready.recipe.train.objective).curves)
     if guard.bad_step is None:
         trainer.adapter_went_nonfinite()
     guard.raise_if_tripped(output_dir)

@@ -66,7 +66,7 @@ class QloraTrainerMixin:
         if self.quantized_on_cpu:
             quantized.unpack_cpu_4bit_weights(model)
         # Tokens of all ranks: throughput and tokens_seen count the whole job, not one process.
-        self.token_meter.add(distributed.all_reduce_sum(real_tokens(inputs), self.args.device), self.state)
+        self.token_meter.add(distributed.all_reduce_sum(self.count_tokens(inputs), self.args.device), self.state)
         loss = super().training_step(model, inputs, num_items_in_batch)
         # One sync per micro-batch, as the Trainer's own logging_nan_inf_filter (off here) would do.
         self._nonfinite_in_step = self._nonfinite_in_step or not bool(torch.isfinite(loss))
@@ -78,6 +78,10 @@ class QloraTrainerMixin:
         if self._nonfinite_in_step:
             self.loss_guard.trip(self.state.global_step + 1, "loss", self.control)
         return loss
+
+    def count_tokens(self, inputs) -> int:
+        """Non-padding tokens of a micro-batch (an objective that generates its batch counts them itself)."""
+        return real_tokens(inputs)
 
     def log(self, logs, start_time=None):
         logs.setdefault(plots.TOKENS_KEY, self.state.num_input_tokens_seen)  # loss against tokens, in metrics.json and trackers

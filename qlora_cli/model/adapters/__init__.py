@@ -46,8 +46,8 @@ class Adapter:
             bottleneck.save(self.model, folder, self.settings, unfrozen)
         elif self.initial is not None and self.initial.is_dir():
             self.model.save_pretrained(str(folder), safe_serialization=True, path_initial_model_for_weight_conversion=str(self.initial))
-        else:
-            self.model.save_pretrained(str(folder), safe_serialization=True)
+        else:  # the trained adapter only, not a frozen reference copy (model.init_adapter under dpo / kto / grpo)
+            self.model.save_pretrained(str(folder), safe_serialization=True, selected_adapters=["default"])
 
     def load_checkpoint(self, folder: Path) -> None:
         """Put a checkpoint's weights back into our own adapter (peft's are the Trainer's to load)."""
@@ -88,8 +88,11 @@ def attach(model, recipe: Recipe) -> Adapter:
         for name in unfrozen:
             modules[name].requires_grad_(True)
         return Adapter(model, method, settings, unfrozen)
-    from peft import get_peft_model
+    from peft import PeftModel, get_peft_model
 
+    if recipe.model.init_adapter:  # continue a trained LoRA adapter (checked by preflight)
+        model = PeftModel.from_pretrained(model, recipe.model.init_adapter, is_trainable=True)
+        return Adapter(model, method, None, unfrozen)
     try:
         names = [name for name, _ in model.named_modules()]
         model = get_peft_model(model, method.peft_config(recipe, unfrozen, model.config.model_type, names))
@@ -187,5 +190,10 @@ def using(loaded: LoadedAdapters, name: Optional[str]):
 
 def preflight(recipe: Recipe) -> None:
     """Checks that need the machine, not the model."""
+    if recipe.model.init_adapter:
+        config = read_adapter_config(Path(recipe.model.init_adapter))
+        if config.get("peft_type") != "LORA" or recipe.adapter.method != "lora":
+            raise ConfigError(f"model.init_adapter: {recipe.model.init_adapter} holds a {config.get('peft_type')} adapter; "
+                              "only a LoRA adapter (adapter.method lora) can be continued")
     if recipe.adapter.method == "lora" and recipe.lora.init == "loftq" and not torch.cuda.is_available():
         raise ConfigError("lora.init loftq needs a CUDA GPU: peft's replace_lora_weights_loftq computes the LoftQ SVD on one; use init default here")

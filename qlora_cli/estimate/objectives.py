@@ -1,0 +1,49 @@
+"""What the training objective adds to a step's memory, on top of the SFT terms (budget.py):
+
+- dpo / orpo / simpo: TRL runs chosen and rejected of each pair as one batch, so a micro-batch of
+  B pairs is 2B sequences with gradients; dpo (unless preference.precompute_ref_log_probs) also
+  runs a no-grad reference forward (the base, adapter disabled) while the policy's activations are
+  kept: one extra loss-head peak (logits of 2B sequences), nothing saved for backward.
+- kto: each row's completion and its KL completion (another row's) are 2B sequences, plus the same
+  no-grad reference forward.
+- grpo: B counts completions; each sequence is prompt + completion (up to max_seq_len +
+  max_completion_len tokens). Generating them holds a KV cache of 2 (K, V) x layers x kv_heads x
+  head_dim x tokens x B in the compute dtype, freed before the step's forward; counted as a term
+  since it can be the larger peak on short sequences. grpo.beta > 0 adds the reference forward.
+Pure arithmetic on the recipe; plan.py calls `adjust_plan`, budget.py adds `extra_terms`.
+"""
+
+from __future__ import annotations
+
+from qlora_cli.estimate import activations
+from qlora_cli.estimate.architecture import Architecture
+
+PAIRED = ("dpo", "orpo", "kto")
+
+
+def adjust_plan(recipe, plan):
+    # plan: estimate.plan.Plan (not imported: plan.py calls this module)
+    """The plan as the objective's trainer runs it: sequences per micro-batch and their length."""
+    objective = recipe.train.objective
+    if objective in PAIRED:
+        return plan.with_changes(micro_batch=2 * plan.micro_batch, objective=objective,
+                                 reference_forward=objective != "orpo" and recipe.preference.loss_type != "simpo"
+                                 and not recipe.preference.precompute_ref_log_probs)
+    if objective == "grpo":
+        return plan.with_changes(seq_len=plan.seq_len + recipe.grpo.max_completion_len, objective=objective,
+                                 reference_forward=recipe.grpo.beta > 0)
+    return plan
+
+
+def kv_cache_bytes(arch: Architecture, plan) -> int:
+    return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * plan.tokens * plan.dtype_bytes
+
+
+def extra_terms(arch: Architecture, plan) -> dict[str, int]:
+    """Terms beyond SFT's, in bytes, by name (empty for sft)."""
+    terms = {}
+    if plan.reference_forward:
+        terms["reference_forward"] = activations.logits_bytes(arch, plan)
+    if plan.objective == "grpo":
+        terms["generation_kv_cache"] = kv_cache_bytes(arch, plan)
+    return terms
