@@ -16,7 +16,7 @@ from qlora_cli.errors import ConfigError
 from qlora_cli.estimate import catalog
 from qlora_cli.recipe.paths import is_local_path
 
-_LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mixtral", "phi3"}
+_LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mixtral", "qwen2_moe", "phi3"}
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,11 @@ def _decoder_linears(model_type: str, hidden: int, inter: int, q_dim: int, kv_di
     )
     if model_type == "mixtral":
         return attention
+    if model_type == "qwen2_moe":  # the shared expert (a gated MLP) and its gate are nn.Linear
+        return attention + (
+            Linear("gate_proj", hidden, inter, mlp_bias, "mlp_in"), Linear("up_proj", hidden, inter, mlp_bias, "mlp_in"),
+            Linear("down_proj", inter, hidden, mlp_bias, "mlp_out"), Linear("shared_expert_gate", hidden, 1, False, "mlp_in"),
+        )
     return attention + (
         Linear("gate_proj", hidden, inter, mlp_bias, "mlp_in"), Linear("up_proj", hidden, inter, mlp_bias, "mlp_in"),
         Linear("down_proj", inter, hidden, mlp_bias, "mlp_out"),
@@ -132,13 +137,19 @@ def from_config(config: dict, name: str, source: str) -> Architecture:
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
     head_dim = int(config.get("head_dim") or hidden // heads)
-    qkv_bias = bool(config.get("attention_bias", model_type == "qwen2"))
+    qkv_bias = bool(config.get("attention_bias", model_type in ("qwen2", "qwen2_moe")))
     mlp_bias = bool(config.get("mlp_bias", False))
-    linears = _decoder_linears(model_type, hidden, inter, heads * head_dim, kv_heads * head_dim, qkv_bias, mlp_bias)
+    mlp_width = int(config.get("shared_expert_intermediate_size", inter)) if model_type == "qwen2_moe" else inter
+    linears = _decoder_linears(model_type, hidden, mlp_width, heads * head_dim, kv_heads * head_dim, qkv_bias, mlp_bias)
     experts, router, top_k = (), 0, 0
     if model_type == "mixtral":
         router, top_k = int(config.get("num_local_experts", 8)), int(config.get("num_experts_per_tok", 2))
         experts = (Experts("gate_up_proj", router, hidden, 2 * inter), Experts("down_proj", router, inter, hidden))
+        notes.append("MoE experts stay 16-bit: bitsandbytes quantizes nn.Linear only (transformers 5 fuses experts)")
+    elif model_type == "qwen2_moe":
+        router, top_k = int(config.get("num_experts", 60)), int(config.get("num_experts_per_tok", 4))
+        expert_inter = int(config.get("moe_intermediate_size", inter))
+        experts = (Experts("gate_up_proj", router, hidden, 2 * expert_inter), Experts("down_proj", router, expert_inter, hidden))
         notes.append("MoE experts stay 16-bit: bitsandbytes quantizes nn.Linear only (transformers 5 fuses experts)")
     if config.get("qlora_note"):
         notes.append(config["qlora_note"])

@@ -77,10 +77,11 @@ def resolve_targets(arch: Architecture, target_modules) -> tuple[list[Linear], l
     """(decoder linears LoRA wraps, other wrapped modules, unmatched names), matching the way peft does.
 
     peft matches a module whose name equals a key or ends with "." + key; `all-linear` means every
-    nn.Linear except the output head (and, for MoE, the router and expert parameters).
+    nn.Linear except the output head (on MoE bases never the router or the fused experts: see
+    model/families.moe_targets).
     """
     if target_modules == "all-linear":
-        return list(arch.linears), (["router", "experts"] if arch.experts else []), []
+        return list(arch.linears), [], []
     leaves = {key.rpartition(".")[2]: key for key in target_modules}
     linears = [l for l in arch.linears if l.name in leaves]
     others = [leaf for leaf in ("lm_head", "embed_tokens") if leaf in leaves]
@@ -132,15 +133,6 @@ def trainable_tensors(arch: Architecture, plan: Plan) -> list[Trainable]:
         tensors.append(Trainable(f"{linear.name}.lora_B", r * linear.out_features, layers, ADAPTER_BYTES))
         if plan.use_dora:
             tensors.append(Trainable(f"{linear.name}.lora_magnitude", linear.out_features, layers, ADAPTER_BYTES))
-    if "router" in others:
-        tensors.append(Trainable("router.lora_A", r * arch.hidden_size, layers, ADAPTER_BYTES))
-        tensors.append(Trainable("router.lora_B", r * arch.router_experts, layers, ADAPTER_BYTES))
-    if "experts" in others:  # peft ParamWrapper: A is (r * experts) x in, B is out x (r * experts)
-        for expert in arch.experts:
-            # peft's all-linear MoE preset sets rank_pattern {gate_up_proj: 2r} (fused gate + up halves)
-            rank = r * expert.num_experts * (2 if expert.name == "gate_up_proj" else 1)
-            tensors.append(Trainable(f"experts.{expert.name}.lora_A", rank * expert.in_features, layers, ADAPTER_BYTES))
-            tensors.append(Trainable(f"experts.{expert.name}.lora_B", rank * expert.out_features, layers, ADAPTER_BYTES))
     for leaf in ("lm_head", "embed_tokens"):
         if leaf in others:  # lm_head: Linear(hidden, vocab); embed_tokens: LoRA Embedding (r x vocab, hidden x r)
             tensors.append(Trainable(f"{leaf}.lora_A", r * (arch.hidden_size if leaf == "lm_head" else arch.vocab_size), 1, ADAPTER_BYTES))
