@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qlora_cli.data.formats import IGNORE_INDEX, format_row
-from qlora_cli.data.sources import check_fields, load_rows
+from qlora_cli.data.sources import check_fields, check_rows, load_rows
 from qlora_cli.errors import DataError
 from qlora_cli.recipe.schema import DataSection
 
@@ -19,6 +19,7 @@ class TokenStats:
     truncated: int = 0
     dropped_long: int = 0
     dropped_unscored: int = 0
+    answers_cut: int = 0  # rows whose trained tokens max_seq_len cut (the end of the answer, or all of it)
     tokens: int = 0
     scored_tokens: int = 0
     lengths: list[int] = field(default_factory=list)
@@ -31,6 +32,7 @@ class TokenStats:
             "truncated": self.truncated,
             "dropped_too_long": self.dropped_long,
             "dropped_no_scored_tokens": self.dropped_unscored,
+            "answers_cut_by_max_seq_len": self.answers_cut,
             "tokens": self.tokens,
             "scored_tokens": self.scored_tokens,
             "min_len": lengths[0],
@@ -50,16 +52,20 @@ def tokenize_rows(dataset, data: DataSection, tokenizer, key: str = "data.train"
     check_fields(dataset, data, key)
     stats = TokenStats(rows=len(dataset))
     out = {"input_ids": [], "labels": [], "length": []}
+    longest = 0
     for index, row in enumerate(dataset):
         try:
             ids, labels = format_row(row, data, tokenizer, index)
         except DataError as exc:
             message = str(exc)
             raise DataError(message if message.startswith("row ") and key in message else f"{key}: {message}") from None
+        longest = max(longest, len(ids))
         if len(ids) > data.max_seq_len:
             if data.overlong == "drop":
                 stats.dropped_long += 1
                 continue
+            if any(label != IGNORE_INDEX for label in labels[data.max_seq_len:]):
+                stats.answers_cut += 1
             ids, labels = ids[: data.max_seq_len], labels[: data.max_seq_len]
             stats.truncated += 1
         scored = sum(1 for label in labels[1:] if label != IGNORE_INDEX)  # the first token is never predicted
@@ -73,6 +79,12 @@ def tokenize_rows(dataset, data: DataSection, tokenizer, key: str = "data.train"
         stats.scored_tokens += scored
         stats.lengths.append(len(ids))
     stats.kept = len(out["input_ids"])
+    if stats.answers_cut * 2 > stats.rows:
+        raise DataError(
+            f"{key}: {stats.answers_cut} of {stats.rows} rows lose the end of their answer to data.max_seq_len={data.max_seq_len} "
+            f"(the model would never see the answers end); raise data.max_seq_len (the longest row has {longest} tokens) "
+            "or set data.overlong: drop"
+        )
     if stats.kept == 0:
         if stats.dropped_unscored:
             raise DataError(
@@ -83,14 +95,26 @@ def tokenize_rows(dataset, data: DataSection, tokenizer, key: str = "data.train"
     return datasets.Dataset.from_dict(out), stats
 
 
+def checked_rows(spec, data: DataSection, key: str):
+    """The rows of every source in `spec`, each checked with its file and row named, as one dataset."""
+    import datasets
+
+    parts = []
+    for source in [spec] if isinstance(spec, str) else spec:
+        part = load_rows(source, data.split, key)
+        check_rows(part, data, f"{key} {source}")
+        parts.append(part)
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
 def split_rows(data: DataSection, seed: int):
     """The raw (train, held-out or None) rows as the recipe describes them: data.eval, or a seeded
     eval_split of the (max_rows-cut) training rows. Training, evaluation and merge checks all use it."""
-    train_rows = load_rows(data.train, data.split, "data.train")
+    train_rows = checked_rows(data.train, data, "data.train")
     if data.max_rows:
         train_rows = train_rows.select(range(min(data.max_rows, len(train_rows))))
     if data.eval:
-        return train_rows, load_rows(data.eval, data.split, "data.eval")
+        return train_rows, checked_rows(data.eval, data, "data.eval")
     if data.eval_split > 0:
         if len(train_rows) < 2:
             raise DataError("data.eval_split needs at least 2 training rows")

@@ -131,7 +131,20 @@ def load_tokenizer(model: ModelSection):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
+    if model.chat_template:
+        tokenizer.chat_template = read_chat_template(model.chat_template)
     return tokenizer
+
+
+def read_chat_template(spec: str) -> str:
+    """model.chat_template: a Jinja file, or the template text itself."""
+    if "{{" in spec or "{%" in spec:
+        return spec
+    path = Path(spec).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"model.chat_template {spec}: cannot read it ({library_message(exc)}); give a Jinja file") from None
 
 
 def device_map() -> dict:

@@ -27,7 +27,10 @@ class ModelSection(_Section):
     )
     trust_remote_code: bool = Field(False, description="Run modelling code shipped with the model (off unless you trust it).")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        "auto", description="Attention kernel; auto = flash_attention_2 if installed on GPU, else sdpa."
+        "auto", description="Attention kernel; auto = flash_attention_2 if installed on GPU, else sdpa, else eager (what the family supports)."
+    )
+    chat_template: Optional[str] = Field(
+        None, description="A Jinja chat template file replacing the tokenizer's (e.g. one that renders tools); saved with the adapter."
     )
 
 
@@ -91,6 +94,8 @@ class ColumnsSection(_Section):
     messages: str = Field("messages", description="Column with a list of {role, content} messages (format: chat).")
     prompt: str = Field("prompt", description="Prompt column (format: prompt_completion).")
     completion: str = Field("completion", description="Completion column (format: prompt_completion).")
+    tools: str = Field("tools", description="Optional column with the row's tool (function) schemas, passed to the chat template (format: chat).")
+    system: str = Field("system", description="Optional column with a per-row system prompt, put first when the messages have none (format: chat).")
 
 
 class DataSection(_Section):
@@ -105,6 +110,9 @@ class DataSection(_Section):
     max_seq_len: int = Field(1024, gt=0, description="Rows are cut to this many tokens (see overlong).")
     overlong: Literal["truncate", "drop"] = Field("truncate", description="What to do with rows longer than max_seq_len.")
     train_on_prompt: bool = Field(False, description="Score prompt tokens too; by default the loss covers responses only.")
+    train_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant", description="Chat: train every assistant turn of a conversation, or only the last (each with its end-of-turn token)."
+    )
     packing: bool = Field(
         True,
         description="Padding-free batches: rows are concatenated with per-row position ids so no token is padding "
