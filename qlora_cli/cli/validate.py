@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.text import Text
 
 from qlora_cli.cli.console import JsonOption, SetOption, kv_table, out
+from qlora_cli.data.formats import IGNORE_INDEX
 from qlora_cli.recipe.adapter_section import describe as describe_adapter
 from qlora_cli.recipe.loader import load_recipe
 
@@ -17,6 +19,7 @@ def validate(
     recipe: Path = typer.Argument(..., help="Recipe YAML (or a run directory holding recipe.yaml)."),
     set_: Optional[List[str]] = SetOption,
     as_json: bool = JsonOption,
+    show: int = typer.Option(0, "--show", min=0, help="Print N rendered training rows: trained tokens highlighted, the rest dimmed (--json: spans)."),
 ) -> None:
     """Check a recipe and its data (fields, label masks, token lengths) without loading the model."""
     # The wings load torch / transformers: imported when the command runs, so `qlora --help` stays fast.
@@ -25,7 +28,7 @@ def validate(
 
     config = load_recipe(recipe, set_)
     tokenizer = load_tokenizer(config.model)
-    _, _, train_stats, eval_stats = load_splits(config.data, tokenizer, config.train.seed)
+    train_set, _, train_stats, eval_stats = load_splits(config.data, tokenizer, config.train.seed)
     summary = {
         "recipe": str(recipe),
         "model": config.model.path,
@@ -35,6 +38,9 @@ def validate(
         "train": train_stats.summary(),
         "eval": eval_stats.summary() if eval_stats else None,
     }
+    shown = [row_spans(train_set[index], tokenizer) for index in range(min(show, len(train_set)))]
+    if shown:
+        summary["rows"] = shown
     if as_json:
         print(json.dumps(summary))
         return
@@ -42,4 +48,26 @@ def validate(
     for name in ("train", "eval"):
         if summary[name]:
             out.print(kv_table(f"{name} data", summary[name]))
+    for number, row in enumerate(shown, start=1):
+        out.rule(f"row {number}: {row['trained']} of {row['tokens']} tokens trained", align="left")
+        text, plain = Text(), out.color_system is None  # no colours (a pipe, NO_COLOR): trained text between ⟦ ⟧
+        for span in row["spans"]:
+            trained = span["trained"]
+            text.append(f"⟦{span['text']}⟧" if trained and plain else span["text"], style="bold green" if trained else "dim")
+        out.print(text)
+    if shown:
+        out.rule()
     out.print("[green]recipe and data are valid[/]")
+
+
+def row_spans(row: dict, tokenizer) -> dict:
+    """One tokenized row as runs of trained / untrained text (decoded), with its token counts.
+    The first token is never predicted, so it is never trained."""
+    ids, labels = row["input_ids"], row["labels"]
+    trained = [index > 0 and label != IGNORE_INDEX for index, label in enumerate(labels)]
+    spans, start = [], 0
+    for index in range(1, len(ids) + 1):
+        if index == len(ids) or trained[index] != trained[start]:
+            spans.append({"text": tokenizer.decode(ids[start:index]), "trained": trained[start]})
+            start = index
+    return {"tokens": len(ids), "trained": sum(trained), "spans": spans}
