@@ -54,7 +54,7 @@ def validate(
         for span in row["spans"]:
             trained = span["trained"]
             text.append(f"⟦{span['text']}⟧" if trained and plain else span["text"], style="bold green" if trained else "dim")
-        out.print(text)
+        out.print(text, soft_wrap=True)
     if shown:
         out.rule()
     out.print("[green]recipe and data are valid[/]")

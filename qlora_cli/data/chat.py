@@ -30,12 +30,13 @@ def _compact(value: Any) -> Any:
     return value
 
 
-def conversation(row: dict, messages_column: str, tools_column: str, system_column: str) -> tuple[list[dict], Optional[list]]:
-    """(messages, tools or None) of a raw row: None-filled keys dropped, tool-call arguments as
-    objects, a system-column prompt put first when the messages have none."""
+def conversation(row: dict, messages_column: str, tools_column: str, system_column: str) -> tuple[list[dict], Optional[list], int]:
+    """(messages, tools or None, messages added before the row's own) of a raw row: None-filled
+    keys dropped, tool-call arguments as objects, a system-column prompt put first when the
+    messages have none (errors number the row's own messages)."""
     messages = _compact(row.get(messages_column))
     if not isinstance(messages, list):
-        return messages, None
+        return messages, None, 0
     for message in messages:
         for call in (message.get("tool_calls") or []) if isinstance(message, dict) else []:
             function = call.get("function") if isinstance(call, dict) else None
@@ -44,26 +45,26 @@ def conversation(row: dict, messages_column: str, tools_column: str, system_colu
                     function["arguments"] = json.loads(function["arguments"])
                 except json.JSONDecodeError:
                     pass  # check_messages names it
-    system = row.get(system_column)
+    system, added = row.get(system_column), 0
     if isinstance(system, str) and system.strip() and not (messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"):
-        messages = [{"role": "system", "content": system}] + messages
+        messages, added = [{"role": "system", "content": system}] + messages, 1
     tools = row.get(tools_column)
     if isinstance(tools, str) and tools.strip():
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError as exc:
             raise DataError(f"`{tools_column}` is not JSON ({exc.msg}); give a list of function schemas") from None
-    return messages, (_compact(tools) or None)
+    return messages, (_compact(tools) or None), added
 
 
-def check_messages(messages, where: str) -> None:
+def check_messages(messages, where: str, added: int = 0) -> None:
     """The shape of one conversation: a non-empty list of {role, content}; roles we know (a typo
     gets the closest one); tool calls with a function name and object arguments. (A row without an
     assistant turn has nothing to learn: it is dropped and counted.)"""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
-    for number, message in enumerate(messages, start=1):
-        at = f"{where} message {number}"
+    for number, message in enumerate(messages, start=1 - added):
+        at = f"{where} message {number}" if number > 0 else f"{where} system prompt"
         if not isinstance(message, dict) or message.get("role") is None:
             raise DataError(f"{at}: every message needs `role` and `content` (got {str(message)[:80]})")
         role = message["role"]
@@ -99,17 +100,19 @@ def _special_ids(tokenizer) -> set[int]:
 
 
 def chat_ids(
-    messages: list[dict], tools: Optional[list], tokenizer, train_on: str, train_on_prompt: bool, where: str
+    messages: list[dict], tools: Optional[list], tokenizer, train_on: str, train_on_prompt: bool, where: str, added: int = 0
 ) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and labels scoring its trained assistant turns (every one, or
     the last: `train_on`), each with its end-of-turn token."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("format chat needs a tokenizer with a chat template; this one has none (set model.chat_template, or use alpaca or prompt_completion)")
-    check_messages(messages, where)
+    check_messages(messages, where, added)
     try:
         ids = _render(tokenizer, messages, tools, generation_prompt=False)
     except DataError as exc:
-        raise DataError(f"{where}: {exc}") from None
+        tooling = tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+        hint = "; this row has tool calls: set model.chat_template to a template with tools (e.g. data/tools/chatml-tools.jinja)" if tooling else ""
+        raise DataError(f"{where}: {exc}{hint}") from None
     if train_on_prompt:
         return ids, list(ids)
     labels = [IGNORE_INDEX] * len(ids)
@@ -127,13 +130,13 @@ def chat_ids(
         span = ids[start:end]
         if not special.intersection(span):
             raise DataError(
-                f"{where} message {turn + 1}: the chat template ends an assistant turn with no special token, so the model would "
+                f"{where} message {turn + 1 - added}: the chat template ends an assistant turn with no special token, so the model would "
                 "never learn to stop; use a template with an end-of-turn token (model.chat_template)"
             )
         for call in messages[turn].get("tool_calls") or []:
             if call["function"]["name"] not in tokenizer.decode(span):
                 raise DataError(
-                    f"{where} message {turn + 1}: the chat template does not render tool calls (`{call['function']['name']}` is missing "
+                    f"{where} message {turn + 1 - added}: the chat template does not render tool calls (`{call['function']['name']}` is missing "
                     "from the trained text); set model.chat_template to a template with tools (e.g. data/tools/chatml-tools.jinja)"
                 )
         labels[start:end] = span

@@ -50,8 +50,8 @@ def format_row(row: dict, data: DataSection, tokenizer, index: int = 0) -> tuple
         ids = _with_eos(tokenizer(row[columns.text], add_special_tokens=True)["input_ids"], tokenizer)
         return ids, list(ids)
     if data.format == "chat":
-        messages, tools = conversation(row, columns.messages, columns.tools, columns.system)
-        return chat_ids(messages, tools, tokenizer, data.train_on, data.train_on_prompt, f"row {index + 1}")
+        messages, tools, added = conversation(row, columns.messages, columns.tools, columns.system)
+        return chat_ids(messages, tools, tokenizer, data.train_on, data.train_on_prompt, f"row {index + 1}", added)
     prompt, completion = prompt_and_reference(row, data, tokenizer)
     return _prompt_completion_ids(prompt, completion, tokenizer, data.train_on_prompt)
 
@@ -64,7 +64,7 @@ def prompt_and_reference(row: dict, data: DataSection, tokenizer) -> tuple[str, 
     if data.format == "prompt_completion":
         return row[columns.prompt], row[columns.completion]
     if data.format == "chat":
-        messages, tools = conversation(row, columns.messages, columns.tools, columns.system)
+        messages, tools, _ = conversation(row, columns.messages, columns.tools, columns.system)
         last = last_answer(messages)
         if last is None:
             raise DataError("a chat row without an assistant turn has no reference answer")

@@ -191,8 +191,8 @@ def check_rows(dataset, data: DataSection, where: str) -> None:
         return
     columns = data.columns
     for index, row in enumerate(dataset):
-        messages, _ = conversation(row, columns.messages, columns.tools, columns.system)
-        check_messages(messages, f"{where}: row {index + 1}")
+        messages, _, added = conversation(row, columns.messages, columns.tools, columns.system)
+        check_messages(messages, f"{where}: row {index + 1}", added)
 
 
 def _column_key(data: DataSection, column: str) -> str:

@@ -79,12 +79,6 @@ def tokenize_rows(dataset, data: DataSection, tokenizer, key: str = "data.train"
         stats.scored_tokens += scored
         stats.lengths.append(len(ids))
     stats.kept = len(out["input_ids"])
-    if stats.answers_cut * 2 > stats.rows:
-        raise DataError(
-            f"{key}: {stats.answers_cut} of {stats.rows} rows lose the end of their answer to data.max_seq_len={data.max_seq_len} "
-            f"(the model would never see the answers end); raise data.max_seq_len (the longest row has {longest} tokens) "
-            "or set data.overlong: drop"
-        )
     if stats.kept == 0:
         if stats.dropped_unscored:
             raise DataError(
@@ -92,6 +86,12 @@ def tokenize_rows(dataset, data: DataSection, tokenizer, key: str = "data.train"
                 "raise data.max_seq_len, or set data.train_on_prompt: true"
             )
         raise DataError(f"{key}: every row is longer than data.max_seq_len={data.max_seq_len}; raise it or use overlong: truncate")
+    if stats.answers_cut * 2 > stats.rows:
+        raise DataError(
+            f"{key}: {stats.answers_cut} of {stats.rows} rows lose the end of their answer to data.max_seq_len={data.max_seq_len} "
+            f"(the model would never see the answers end); raise data.max_seq_len (the longest row has {longest} tokens) "
+            "or set data.overlong: drop"
+        )
     return datasets.Dataset.from_dict(out), stats
 
 
