@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.table import Table
 from rich.text import Text
 
 from qlora_cli.cli.console import JsonOption, SetOption, kv_table, out
@@ -47,7 +48,9 @@ def validate(
     out.print(kv_table("recipe", {k: v for k, v in summary.items() if k not in ("train", "eval")}))
     for name in ("train", "eval"):
         if summary[name]:
-            out.print(kv_table(f"{name} data", summary[name]))
+            out.print(kv_table(f"{name} data", {k: v for k, v in summary[name].items() if k != "mix"}))
+    if summary["train"].get("mix"):
+        out.print(mix_table(summary["train"]["mix"]))
     for number, row in enumerate(shown, start=1):
         out.rule(f"row {number}: {row['trained']} of {row['tokens']} tokens trained", align="left")
         text, plain = Text(), out.color_system is None  # no colours (a pipe, NO_COLOR): trained text between ⟦ ⟧
@@ -58,6 +61,18 @@ def validate(
     if shown:
         out.rule()
     out.print("[green]recipe and data are valid[/]")
+
+
+def mix_table(mix: list[dict]) -> Table:
+    """The training mix: per source its rows, weight or take, the rows used and their share."""
+    table = Table(title="train mix", title_justify="left")
+    for column in ("source", "format", "rows", "weight / take", "used", "share"):
+        table.add_column(column, justify="left" if column in ("source", "format") else "right")
+    for source in mix:
+        chosen = f"take {source['take']}" if source["take"] else ("all" if source["weight"] is None else f"{source['weight']:g}")
+        used = f"{source['used']:,}" + (" (repeats)" if source["repeated"] else "")
+        table.add_row(source["source"], source["format"], f"{source['rows']:,}", chosen, used, f"{100 * source['share']:.1f}%")
+    return table
 
 
 def row_spans(row: dict, tokenizer) -> dict:

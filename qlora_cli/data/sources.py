@@ -17,8 +17,9 @@ from qlora_cli.recipe.schema import DataSection
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def _as_list(spec: Union[str, list[str]]) -> list[str]:
-    return [spec] if isinstance(spec, str) else list(spec)
+def _as_list(spec) -> list[str]:
+    """The paths of a data.train / data.eval value (a path, or a list of paths and sources)."""
+    return [spec] if isinstance(spec, str) else [item if isinstance(item, str) else item.path for item in spec]
 
 
 def check_sources(spec: Union[str, list[str]], key: str) -> None:
@@ -32,8 +33,8 @@ def check_sources(spec: Union[str, list[str]], key: str) -> None:
             raise DataError(f"{key}: {source} not found")
 
 
-def load_rows(spec: Union[str, list[str]], split: str = "train", key: str = "data.train"):
-    """Load one or more sources into a single datasets.Dataset."""
+def load_rows(spec: Union[str, list[str]], split: str = "train", key: str = "data.train", subset: Optional[str] = None):
+    """Load one or more sources into a single datasets.Dataset (`subset`: a hub dataset's configuration)."""
     import datasets
 
     check_sources(spec, key)
@@ -57,7 +58,7 @@ def load_rows(spec: Union[str, list[str]], split: str = "train", key: str = "dat
                         raise DataError(f"{key}: {source} has splits {list(part)}, not {split!r}; set data.split")
                     part = part[split]
             else:
-                part = datasets.load_dataset(source, split=split)
+                part = datasets.load_dataset(source, subset, split=split)
         except DataError:
             raise
         except Exception as exc:  # datasets raises many types for a bad file; all are the user's data

@@ -139,10 +139,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def _format_validation_error(exc: ValidationError, lines: dict[str, int], source: str, overrides: Optional[dict[str, str]] = None) -> str:
-    error = exc.errors()[0]
+    errors = exc.errors()
+    # Of a union's branches, the one whose own check failed says more than "should be a valid string".
+    error = next((e for e in errors if not e["type"].endswith("_type")), errors[0])
     loc = [str(part) for part in error["loc"] if not str(part).startswith(("function-after", "literal[", "list["))]
     # Union branches add their type name to loc; drop those that are not keys of our schema.
-    loc = [part for part in loc if part not in {"str", "int", "float", "bool"}]
+    loc = [part for part in loc if part not in {"str", "int", "float", "bool"} and not part.endswith("Section")]
     dotted = ".".join(loc)
     where = _where(dotted, lines, source, overrides or {})
     if error["type"] == "extra_forbidden":

@@ -98,11 +98,38 @@ class ColumnsSection(_Section):
     system: str = Field("system", description="Optional column with a per-row system prompt, put first when the messages have none (format: chat).")
 
 
+Format = Literal["text", "alpaca", "chat", "prompt_completion"]
+
+
+class SourceSection(_Section):
+    path: str = Field(description="A jsonl/json/csv/parquet file, a saved HF dataset folder, or a hub dataset id.")
+    format: Optional[Format] = Field(None, description="This source's format; default: data.format.")
+    columns: Optional[ColumnsSection] = Field(None, description="This source's column names; default: data.columns.")
+    split: Optional[str] = Field(None, description="Split of a hub id or saved DatasetDict; default: data.split.")
+    subset: Optional[str] = Field(None, description="Hub dataset subset (configuration) name.")
+    weight: Optional[float] = Field(None, gt=0, description="Share of the mixed training rows drawn from this source, relative to the other weights (rows repeat when it asks for more than the source has).")
+    take: Optional[int] = Field(None, gt=0, description="Use exactly the first N rows of this source (instead of a weight).")
+
+    @field_validator("path")
+    @classmethod
+    def _names_a_path(cls, value):
+        if not value.strip():
+            raise ValueError("must name a file, dataset folder or hub id")
+        return value
+
+    @model_validator(mode="after")
+    def _weight_or_take(self):
+        if self.weight is not None and self.take is not None:
+            raise ValueError("give a source weight or take, not both")
+        return self
+
+
 class DataSection(_Section):
-    train: Union[str, list[str]] = Field(
-        description="Training data: jsonl/json/csv/parquet file(s), a saved HF dataset folder, or a hub dataset id."
+    train: Union[str, list[Union[str, SourceSection]]] = Field(
+        description="Training data: jsonl/json/csv/parquet file(s), a saved HF dataset folder, or a hub dataset id; or a list of "
+        "sources ({path, format, columns, split, subset, weight | take}) mixed by weight."
     )
-    format: Literal["text", "alpaca", "chat", "prompt_completion"] = Field(description="How rows turn into text and which tokens are scored.")
+    format: Format = Field(description="How rows turn into text and which tokens are scored.")
     columns: ColumnsSection = Field(default_factory=ColumnsSection, description="Column names, when they differ from the defaults.")
     split: str = Field("train", description="Split to read from a hub id or saved DatasetDict.")
     eval: Optional[Union[str, list[str]]] = Field(None, description="Evaluation data, same kinds as train. Overrides eval_split.")
@@ -125,8 +152,18 @@ class DataSection(_Section):
     def _names_a_source(cls, value):
         if isinstance(value, list) and not value or isinstance(value, str) and not value.strip():
             raise ValueError("must name at least one file, dataset folder or hub id")
-        if isinstance(value, list) and any(not item.strip() for item in value):
+        if isinstance(value, list) and any(isinstance(item, str) and not item.strip() for item in value):
             raise ValueError("has an empty entry; give file, dataset folder or hub id names")
+        return value
+
+    @field_validator("train")
+    @classmethod
+    def _weights_for_all(cls, value):
+        if isinstance(value, list):
+            weighted = [isinstance(item, SourceSection) and item.weight is not None for item in value]
+            taken = [isinstance(item, SourceSection) and item.take is not None for item in value]
+            if any(weighted) and not all(w or t for w, t in zip(weighted, taken)):
+                raise ValueError("when one source has a weight, every source needs a weight (or a take)")
         return value
 
 
