@@ -7,8 +7,11 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.table import Table
+from rich.text import Text
 
 from qlora_cli.cli.console import JsonOption, SetOption, kv_table, out
+from qlora_cli.data.formats import IGNORE_INDEX
 from qlora_cli.recipe.adapter_section import describe as describe_adapter
 from qlora_cli.recipe.loader import load_recipe
 from qlora_cli.recipe.objective_section import describe as describe_objective
@@ -18,6 +21,7 @@ def validate(
     recipe: Path = typer.Argument(..., help="Recipe YAML (or a run directory holding recipe.yaml)."),
     set_: Optional[List[str]] = SetOption,
     as_json: bool = JsonOption,
+    show: int = typer.Option(0, "--show", min=0, help="Print N rendered training rows: trained tokens highlighted, the rest dimmed (--json: spans)."),
 ) -> None:
     """Check a recipe and its data (fields, label masks, token lengths) without loading the model."""
     # The wings load torch / transformers: imported when the command runs, so `qlora --help` stays fast.
@@ -28,7 +32,7 @@ def validate(
     config = load_recipe(recipe, set_)
     check_recipe_rewards(config)  # GRPO: each reward imported and called once on the first rows
     tokenizer = load_tokenizer(config.model)
-    _, _, train_stats, eval_stats = load_splits(config.data, tokenizer, config.train.seed)
+    train_set, _, train_stats, eval_stats = load_splits(config.data, tokenizer, config.train.seed)
     summary = {
         "recipe": str(recipe),
         "model": config.model.path,
@@ -39,11 +43,50 @@ def validate(
         "train": train_stats.summary(),
         "eval": eval_stats.summary() if eval_stats else None,
     }
+    shown = [row_spans(train_set[index], tokenizer) for index in range(min(show, len(train_set)))]
+    if shown:
+        summary["rows"] = shown
     if as_json:
         print(json.dumps(summary))
         return
     out.print(kv_table("recipe", {k: v for k, v in summary.items() if k not in ("train", "eval")}))
     for name in ("train", "eval"):
         if summary[name]:
-            out.print(kv_table(f"{name} data", summary[name]))
+            out.print(kv_table(f"{name} data", {k: v for k, v in summary[name].items() if k != "mix"}))
+    if summary["train"].get("mix"):
+        out.print(mix_table(summary["train"]["mix"]))
+    for number, row in enumerate(shown, start=1):
+        out.rule(f"row {number}: {row['trained']} of {row['tokens']} tokens trained", align="left")
+        text, plain = Text(), out.color_system is None  # no colours (a pipe, NO_COLOR): trained text between ⟦ ⟧
+        for span in row["spans"]:
+            trained = span["trained"]
+            text.append(f"⟦{span['text']}⟧" if trained and plain else span["text"], style="bold green" if trained else "dim")
+        out.print(text, soft_wrap=True)
+    if shown:
+        out.rule()
     out.print("[green]recipe and data are valid[/]")
+
+
+def mix_table(mix: list[dict]) -> Table:
+    """The training mix: per source its rows, weight or take, the rows used and their share."""
+    table = Table(title="train mix", title_justify="left")
+    for column in ("source", "format", "rows", "weight / take", "used", "share"):
+        table.add_column(column, justify="left" if column in ("source", "format") else "right")
+    for source in mix:
+        chosen = f"take {source['take']}" if source["take"] else ("all" if source["weight"] is None else f"{source['weight']:g}")
+        used = f"{source['used']:,}" + (" (repeats)" if source["repeated"] else "")
+        table.add_row(source["source"], source["format"], f"{source['rows']:,}", chosen, used, f"{100 * source['share']:.1f}%")
+    return table
+
+
+def row_spans(row: dict, tokenizer) -> dict:
+    """One tokenized row as runs of trained / untrained text (decoded), with its token counts.
+    The first token is never predicted, so it is never trained."""
+    ids, labels = row["input_ids"], row["labels"]
+    trained = [index > 0 and label != IGNORE_INDEX for index, label in enumerate(labels)]
+    spans, start = [], 0
+    for index in range(1, len(ids) + 1):
+        if index == len(ids) or trained[index] != trained[start]:
+            spans.append({"text": tokenizer.decode(ids[start:index]), "trained": trained[start]})
+            start = index
+    return {"tokens": len(ids), "trained": sum(trained), "spans": spans}

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from qlora_cli.errors import DataError, library_message
+from qlora_cli.data.chat import IGNORE_INDEX, chat_ids, conversation, last_answer
+from qlora_cli.errors import DataError
 from qlora_cli.recipe.schema import DataSection
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "format_row", "prompt_and_reference"]
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -42,52 +43,6 @@ def alpaca_prompt(instruction: str, context: Optional[str]) -> str:
     return ALPACA_PROMPT.format(instruction=instruction)
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except Exception as exc:  # jinja raises its own types for templates that reject a conversation
-        raise DataError(f"the chat template rejected this conversation: {library_message(exc)}") from None
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _check_messages(messages, row: int) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"row {row}: `messages` must be a non-empty list of {{role, content}} objects")
-    for message in messages:
-        if not isinstance(message, dict) or message.get("role") is None or message.get("content") is None:
-            raise DataError(f"row {row}: every message needs `role` and `content` (got {str(message)[:80]})")
-
-
-def _chat_ids(messages: list[dict], tokenizer, train_on_prompt: bool, row: int) -> tuple[list[int], list[int]]:
-    """Tokens of a conversation, scoring the assistant turns.
-
-    Each assistant turn's span is found by rendering the conversation up to the turn with a
-    generation prompt, and through the turn; the difference is what the model must produce.
-    Templates whose renders are not prefixes of each other cannot be masked this way.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError("format chat needs a tokenizer with a chat template; this one has none (use alpaca or prompt_completion)")
-    _check_messages(messages, row)
-    try:
-        ids = _render(tokenizer, messages, generation_prompt=False)
-    except DataError as exc:
-        raise DataError(f"row {row}: {exc}") from None
-    labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(ids)
-    for turn, message in enumerate(messages):
-        if message["role"] != "assistant" or train_on_prompt:
-            continue
-        start = len(_render(tokenizer, messages[:turn], generation_prompt=True))
-        through = _render(tokenizer, messages[: turn + 1], generation_prompt=False)
-        end = len(through)
-        if through != ids[:end] or start > end:
-            raise DataError(
-                f"row {row}: the chat template does not render turns as prefixes of the conversation, so responses "
-                "cannot be masked; use format prompt_completion or set data.train_on_prompt: true"
-            )
-        labels[start:end] = ids[start:end]
-    return ids, labels
-
-
 def format_row(row: dict, data: DataSection, tokenizer, index: int = 0) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one raw row, before truncation."""
     columns = data.columns
@@ -95,7 +50,8 @@ def format_row(row: dict, data: DataSection, tokenizer, index: int = 0) -> tuple
         ids = _with_eos(tokenizer(row[columns.text], add_special_tokens=True)["input_ids"], tokenizer)
         return ids, list(ids)
     if data.format == "chat":
-        return _chat_ids(row[columns.messages], tokenizer, data.train_on_prompt, index + 1)
+        messages, tools, added = conversation(row, columns.messages, columns.tools, columns.system)
+        return chat_ids(messages, tools, tokenizer, data.train_on, data.train_on_prompt, f"row {index + 1}", added)
     prompt, completion = prompt_and_reference(row, data, tokenizer)
     return _prompt_completion_ids(prompt, completion, tokenizer, data.train_on_prompt)
 
@@ -108,10 +64,10 @@ def prompt_and_reference(row: dict, data: DataSection, tokenizer) -> tuple[str, 
     if data.format == "prompt_completion":
         return row[columns.prompt], row[columns.completion]
     if data.format == "chat":
-        messages = row[columns.messages]
-        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+        messages, tools, _ = conversation(row, columns.messages, columns.tools, columns.system)
+        last = last_answer(messages)
         if last is None:
             raise DataError("a chat row without an assistant turn has no reference answer")
-        prompt = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
-        return prompt, messages[last]["content"]
+        prompt = tokenizer.apply_chat_template(messages[:last], tools=tools, tokenize=False, add_generation_prompt=True)
+        return prompt, messages[last].get("content") or ""
     raise DataError("format text has no prompt/reference split; generation metrics need alpaca, chat or prompt_completion")

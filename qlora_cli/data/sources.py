@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 from qlora_cli.data import preference
+from qlora_cli.data.chat import check_messages, conversation
 from qlora_cli.errors import DataError, library_message
 from qlora_cli.recipe.paths import is_local_path
 from qlora_cli.recipe.schema import DataSection
@@ -17,8 +18,9 @@ from qlora_cli.recipe.schema import DataSection
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def _as_list(spec: Union[str, list[str]]) -> list[str]:
-    return [spec] if isinstance(spec, str) else list(spec)
+def _as_list(spec) -> list[str]:
+    """The paths of a data.train / data.eval value (a path, or a list of paths and sources)."""
+    return [spec] if isinstance(spec, str) else [item if isinstance(item, str) else item.path for item in spec]
 
 
 def check_sources(spec: Union[str, list[str]], key: str) -> None:
@@ -32,8 +34,8 @@ def check_sources(spec: Union[str, list[str]], key: str) -> None:
             raise DataError(f"{key}: {source} not found")
 
 
-def load_rows(spec: Union[str, list[str]], split: str = "train", key: str = "data.train"):
-    """Load one or more sources into a single datasets.Dataset."""
+def load_rows(spec: Union[str, list[str]], split: str = "train", key: str = "data.train", subset: Optional[str] = None):
+    """Load one or more sources into a single datasets.Dataset (`subset`: a hub dataset's configuration)."""
     import datasets
 
     check_sources(spec, key)
@@ -45,6 +47,9 @@ def load_rows(spec: Union[str, list[str]], split: str = "train", key: str = "dat
                 builder = _FILE_BUILDERS.get(path.suffix.lower())
                 if builder is None:
                     raise DataError(f"{key}: {source} has an unsupported extension; use .jsonl, .json, .csv or .parquet")
+                problem = encoding_problem(path) if builder != "parquet" else None
+                if problem:
+                    raise DataError(f"{key}: {problem}")
                 with _quiet(datasets):
                     part = datasets.load_dataset(builder, data_files=str(path), split="train")
             elif path.is_dir():
@@ -54,7 +59,7 @@ def load_rows(spec: Union[str, list[str]], split: str = "train", key: str = "dat
                         raise DataError(f"{key}: {source} has splits {list(part)}, not {split!r}; set data.split")
                     part = part[split]
             else:
-                part = datasets.load_dataset(source, split=split)
+                part = datasets.load_dataset(source, subset, split=split)
         except DataError:
             raise
         except Exception as exc:  # datasets raises many types for a bad file; all are the user's data
@@ -113,6 +118,39 @@ def file_problem(path: Path) -> Optional[str]:
     return None
 
 
+_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+
+
+def encoding_problem(path: Path, block: int = 1 << 20) -> Optional[str]:
+    """Why a text data file is not UTF-8 (with or without a byte-order mark), naming the encoding
+    its BOM declares or the first byte that cannot be decoded (offset and line); None if it is.
+    Read in blocks: a file too big for memory is checked all the same."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+        for bom, name in _BOMS:
+            if head.startswith(bom):
+                return f"{path} is {name} text (it starts with a {name} byte-order mark); save it as UTF-8"
+        handle.seek(0)
+        while chunk := handle.read(block):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                byte = chunk[exc.start]
+                guess = " (it looks like Latin-1 / Windows-1252)" if 0x80 <= byte <= 0xFF else ""
+                return (f"{path} is not UTF-8: byte 0x{byte:02X} at offset {offset + exc.start} (line {line + chunk[:exc.start].count(10)}) "
+                        f"cannot be decoded{guess}; save it as UTF-8")
+            offset, line = offset + len(chunk), line + chunk.count(10)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return f"{path} is not UTF-8: it ends inside a multi-byte character (offset {offset}); save it as UTF-8"
+    return None
+
+
 def _json_error(line: str) -> Optional[str]:
     """Why one JSON Lines line is not a row (a JSON object), or None."""
     try:
@@ -147,6 +185,18 @@ def check_fields(dataset, data: DataSection, key: str = "data.train") -> None:
         for index, value in enumerate(dataset[column]):
             if value is None or (isinstance(value, str) and not value.strip() and column != data.columns.input):
                 raise DataError(f"{key}: row {index + 1} has no `{column}`; every {data.format} row needs it")
+
+
+def check_rows(dataset, data: DataSection, where: str) -> None:
+    """Every row of one source as its format needs it, before anything is tokenized or split (so
+    a row number is the row of that file): fields present, and chat messages well formed."""
+    check_fields(dataset, data, where)
+    if data.format != "chat":
+        return
+    columns = data.columns
+    for index, row in enumerate(dataset):
+        messages, _, added = conversation(row, columns.messages, columns.tools, columns.system)
+        check_messages(messages, f"{where}: row {index + 1}", added)
 
 
 def _column_key(data: DataSection, column: str) -> str:

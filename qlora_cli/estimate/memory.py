@@ -81,10 +81,11 @@ def resolve_targets(arch: Architecture, target_modules) -> tuple[list[Linear], l
     """(decoder linears LoRA wraps, other wrapped modules, unmatched names), matching the way peft does.
 
     peft matches a module whose name equals a key or ends with "." + key; `all-linear` means every
-    nn.Linear except the output head (and, for MoE, the router and expert parameters).
+    nn.Linear except the output head (on MoE bases never the router or the fused experts: see
+    model/families.moe_targets).
     """
     if target_modules == "all-linear":
-        return list(arch.linears), (["router", "experts"] if arch.experts else []), []
+        return list(arch.linears), [], []
     leaves = {key.rpartition(".")[2]: key for key in target_modules}
     linears = [l for l in arch.linears if l.name in leaves]
     others = [leaf for leaf in ("lm_head", "embed_tokens") if leaf in leaves]

@@ -146,7 +146,7 @@ def run_evaluation(
         "adapter": str(adapter_dir) if "adapter" in compare else None,
         "merged": str(merged_dir) if merged_dir is not None else None,
         "base_model": recipe.model.path,
-        "data": recipe.data.eval if recipe.data.eval else recipe.data.train,
+        "data": recipe.data.eval if recipe.data.eval else recipe.data.model_dump(mode="json")["train"],
         "held_out": eval_set.held_out,
         "rows": len(eval_set.tokenized),
         "generation_rows": len(eval_set.prompts),

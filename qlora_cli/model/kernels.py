@@ -35,8 +35,12 @@ def chunk_tokens(vocab_size: int) -> int:
     return max(64, CHUNK_LOGIT_BYTES // (4 * vocab_size))
 
 
-def _chunked_cross_entropy(hidden, weight, labels, chunk: int, want_hidden: bool, want_weight: bool):
-    """(summed loss, d loss/d hidden, d loss/d weight), one chunk of logits alive at a time."""
+def _chunked_cross_entropy(hidden, weight, labels, chunk: int, want_hidden: bool, want_weight: bool, softcap: Optional[float] = None):
+    """(summed loss, d loss/d hidden, d loss/d weight), one chunk of logits alive at a time.
+
+    `softcap` (Gemma 2): the logits are cap * tanh(z / cap) of the projection z, as the model's own
+    forward computes them; the gradient through it is scaled by 1 - tanh(z / cap)^2.
+    """
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if want_hidden else None
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
@@ -45,17 +49,24 @@ def _chunked_cross_entropy(hidden, weight, labels, chunk: int, want_hidden: bool
         valid = y != IGNORE_INDEX
         target = y.clamp(min=0).unsqueeze(1)
         logits = (h @ weight.t()).float()
+        slope = None
+        if softcap:
+            capped = torch.tanh(logits / softcap)
+            slope = 1 - capped.square() if (want_hidden or want_weight) else None
+            logits = capped.mul_(softcap)
         lse = torch.logsumexp(logits, dim=1)
         total += ((lse - logits.gather(1, target).squeeze(1)) * valid).sum()
         if want_hidden or want_weight:
             grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
             grad.scatter_add_(1, target, torch.full(target.shape, -1.0, dtype=grad.dtype, device=grad.device))
             grad.mul_(valid.unsqueeze(1))
+            if slope is not None:
+                grad.mul_(slope)
             if want_hidden:
                 grad_hidden[start:start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
             if want_weight:
                 grad_weight += grad.t() @ h.float()
-        del logits
+        del logits, slope
     return total, grad_hidden, grad_weight
 
 
@@ -67,10 +78,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int, softcap: Optional[float] = None) -> torch.Tensor:
         ctx.wants = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.dtypes = hidden.dtype, weight.dtype
-        total, grad_hidden, grad_weight = _chunked_cross_entropy(hidden, weight, labels, chunk, *ctx.wants)
+        total, grad_hidden, grad_weight = _chunked_cross_entropy(hidden, weight, labels, chunk, *ctx.wants, softcap)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
@@ -81,16 +92,19 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_output.to(ctx.dtypes[0])
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_output).to(ctx.dtypes[1])
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
-def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
-    """Summed token cross-entropy of `hidden @ weight.T` against `labels` ([N, H], [V, H], [N])."""
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: Optional[int] = None, softcap: Optional[float] = None
+) -> torch.Tensor:
+    """Summed token cross-entropy of `hidden @ weight.T` (soft-capped when `softcap`) against
+    `labels` ([N, H], [V, H], [N])."""
     chunk = chunk or chunk_tokens(weight.shape[0])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return LinearCrossEntropy.apply(hidden, weight, labels, chunk)
+        return LinearCrossEntropy.apply(hidden, weight, labels, chunk, softcap)
     with torch.no_grad():
-        return _chunked_cross_entropy(hidden, weight, labels, chunk, False, False)[0]
+        return _chunked_cross_entropy(hidden, weight, labels, chunk, False, False, softcap)[0]
 
 
 @dataclass(frozen=True)
@@ -119,8 +133,8 @@ def unsupported_reason(model) -> Optional[str]:
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return "the output layer is not a plain bias-free Linear (adapter or modules_to_save on lm_head?)"
     config = lm.config
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) or getattr(config, "logits_scaling", None):
-        return "the model scales or soft-caps its logits"
+    if getattr(config, "logit_scale", None) or getattr(config, "logits_scaling", None):
+        return "the model scales its logits"
     if "logits_to_keep" not in inspect.signature(lm.forward).parameters:
         return "the model's forward has no logits_to_keep"
     return None
@@ -140,7 +154,14 @@ def select_loss_kernel(requested: str, model) -> LossKernel:
         raise ConfigError("train.loss_kernel=liger needs a CUDA GPU and `pip install liger-kernel`; or set train.loss_kernel=auto")
     if requested == "liger" or (requested == "auto" and liger):
         return LossKernel("liger", "Liger fused linear cross-entropy (CUDA)")
-    return LossKernel("chunked", f"chunked linear cross-entropy, {chunk_tokens(_causal_lm(model).config.vocab_size)} tokens a chunk")
+    config = _causal_lm(model).config
+    capped = f", logits soft-capped at {softcap_of(model):g}" if softcap_of(model) else ""
+    return LossKernel("chunked", f"chunked linear cross-entropy, {chunk_tokens(config.vocab_size)} tokens a chunk{capped}")
+
+
+def softcap_of(model) -> Optional[float]:
+    """The final-logit soft-capping the model's own forward applies (Gemma 2), or None."""
+    return getattr(_causal_lm(_unwrap(model)).config, "final_logit_softcapping", None) or None
 
 
 def fused_causal_lm_loss(model, inputs: dict, kernel: LossKernel, num_items_in_batch=None) -> torch.Tensor:
@@ -161,9 +182,9 @@ def fused_causal_lm_loss(model, inputs: dict, kernel: LossKernel, num_items_in_b
     if kernel.name == "liger":
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
-        total = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")(weight, hidden, shifted)
+        total = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap_of(model))(weight, hidden, shifted)
     else:
-        total = linear_cross_entropy_sum(hidden, weight, shifted)
+        total = linear_cross_entropy_sum(hidden, weight, shifted, softcap=softcap_of(model))
     denominator = num_items_in_batch if num_items_in_batch is not None else (shifted != IGNORE_INDEX).sum().clamp(min=1)
     if torch.is_tensor(denominator):
         denominator = denominator.to(total.device)

@@ -5,7 +5,6 @@ nothing here subclasses transformers or peft.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -15,6 +14,7 @@ from typing import Optional
 import torch
 
 from qlora_cli.errors import ConfigError, ModelError, library_message
+from qlora_cli.model import families
 from qlora_cli.recipe.paths import is_local_path
 from qlora_cli.recipe.schema import ModelSection, QuantizationSection, Recipe
 
@@ -81,11 +81,8 @@ def build_quant_config(quant: QuantizationSection, dtype: torch.dtype, sharded: 
 
 
 def attn_implementation(model: ModelSection) -> str:
-    if model.attn_implementation != "auto":
-        return model.attn_implementation
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    """The attention kernel the base loads with (see families.attention)."""
+    return families.attention(model)
 
 
 def check_model_path(path: str) -> None:
@@ -126,6 +123,7 @@ def load_tokenizer(model: ModelSection):
     from transformers import AutoTokenizer
 
     check_model_path(model.path)
+    families.family(model)  # a model we cannot train is one line before anything loads
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.path, revision=model.revision, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -133,7 +131,20 @@ def load_tokenizer(model: ModelSection):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
+    if model.chat_template:
+        tokenizer.chat_template = read_chat_template(model.chat_template)
     return tokenizer
+
+
+def read_chat_template(spec: str) -> str:
+    """model.chat_template: a Jinja file, or the template text itself."""
+    if "{{" in spec or "{%" in spec:
+        return spec
+    path = Path(spec).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"model.chat_template {spec}: cannot read it ({library_message(exc)}); give a Jinja file") from None
 
 
 def device_map() -> dict:
@@ -147,6 +158,7 @@ def load_base_model(recipe: Recipe, bits: Optional[int] = None):
     from transformers import AutoModelForCausalLM
 
     check_model_path(recipe.model.path)
+    found = families.family(recipe.model)
     dtype = compute_dtype(recipe)
     quant = recipe.quantization if bits is None else recipe.quantization.model_copy(update={"bits": bits})
     quant_config = build_quant_config(quant, dtype, sharded=recipe.distributed.strategy == "fsdp")
@@ -157,7 +169,7 @@ def load_base_model(recipe: Recipe, bits: Optional[int] = None):
             trust_remote_code=recipe.model.trust_remote_code,
             dtype=dtype,
             quantization_config=quant_config,
-            attn_implementation=attn_implementation(recipe.model),
+            attn_implementation=families.attention(recipe.model, found),
             device_map=device_map(),
         )
     except (OSError, ValueError, ImportError) as exc:

@@ -65,11 +65,26 @@ def suggest_key(bad_key: str) -> Optional[str]:
     return close[0] if close else None
 
 
-def _key_lines(node: yaml.Node, source: str, prefix: str = "", lines: Optional[dict[str, int]] = None, path: tuple = ()) -> dict[str, int]:
+# A recipe is a few sections a few levels deep with some dozens of values. Far more is a mistake or
+# an alias bomb (aliases of aliases expand exponentially: "billion laughs").
+MAX_DEPTH = 32
+MAX_VALUES = 20_000
+
+
+def _key_lines(node: yaml.Node, source: str, prefix: str = "", lines: Optional[dict[str, int]] = None, path: tuple = (),
+               visited: Optional[list] = None) -> dict[str, int]:
     """Map dotted keys of a composed YAML document to their 1-based line numbers. A key given twice
-    in one mapping (PyYAML would keep the last silently) and an alias that contains itself are
-    ConfigErrors."""
+    in one mapping (PyYAML would keep the last silently), an alias that contains itself, nesting
+    deeper than MAX_DEPTH and aliases expanding to more than MAX_VALUES values are ConfigErrors."""
     lines = {} if lines is None else lines
+    visited = [0] if visited is None else visited
+    visited[0] += 1
+    if visited[0] > MAX_VALUES:
+        raise ConfigError(f"{source}: the recipe expands to more than {MAX_VALUES:,} values through YAML aliases; "
+                          "a recipe needs a few dozen, so write the values out instead of nesting aliases")
+    if len(path) > MAX_DEPTH:
+        raise ConfigError(f"{source} line {node.start_mark.line + 1}: values nested more than {MAX_DEPTH} levels deep; "
+                          "a recipe is sections of keys (at most a few levels)")
     if id(node) in path:
         raise ConfigError(f"{source} line {node.start_mark.line + 1}: `{prefix.rstrip('.') or 'recipe'}` refers to itself through a YAML alias; "
                           "an alias must point at a finished value, not at a mapping that contains it")
@@ -83,11 +98,11 @@ def _key_lines(node: yaml.Node, source: str, prefix: str = "", lines: Optional[d
                 raise ConfigError(f"{source}: `{dotted}` is given twice (lines {seen[key_node.value]} and {line}); keep one of them")
             seen[key_node.value] = line
             lines.setdefault(dotted, line)
-            _key_lines(value_node, source, dotted + ".", lines, path)
+            _key_lines(value_node, source, dotted + ".", lines, path, visited)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             lines[f"{prefix}{index}"] = item.start_mark.line + 1
-            _key_lines(item, source, f"{prefix}{index}.", lines, path)
+            _key_lines(item, source, f"{prefix}{index}.", lines, path, visited)
     return lines
 
 
@@ -101,11 +116,14 @@ def _parse_yaml(text: str, source: str) -> tuple[dict, dict[str, int]]:
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{source}{where}: YAML syntax error: {problem}; fix the YAML and try again") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{source}: values nested more than {MAX_DEPTH} levels deep; a recipe is sections of keys (at most a few levels)") from None
     if data is None:
         raise ConfigError(f"{source}: the recipe is empty; start from configs/quickstart.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a recipe is a YAML mapping of sections (model, lora, data, ...), not a {type(data).__name__}")
-    return data, lines
+    # Top-level `x-` keys hold values for anchors to share (docker compose's extension fields): not sections.
+    return {key: value for key, value in data.items() if not (isinstance(key, str) and key.startswith("x-"))}, lines
 
 
 def parse_override(assignment: str) -> tuple[list[str], Any]:
@@ -115,8 +133,11 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {assignment!r}: expected section.key=value, e.g. --set train.learning_rate=1e-4")
     try:
+        node = yaml.compose(raw, Loader=yaml.SafeLoader) if raw.strip() else None
+        if node is not None:
+            _key_lines(node, f"--set {key}")  # the recipe's limits: no alias bomb, no deep nesting
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key.split("."), value
 
@@ -140,10 +161,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def _format_validation_error(exc: ValidationError, lines: dict[str, int], source: str, overrides: Optional[dict[str, str]] = None) -> str:
-    error = exc.errors()[0]
+    errors = exc.errors()
+    # Of a union's branches, the one whose own check failed says more than "should be a valid string".
+    error = next((e for e in errors if not e["type"].endswith("_type")), errors[0])
     loc = [str(part) for part in error["loc"] if not str(part).startswith(("function-after", "literal[", "list["))]
     # Union branches add their type name to loc; drop those that are not keys of our schema.
-    loc = [part for part in loc if part not in {"str", "int", "float", "bool"}]
+    loc = [part for part in loc if part not in {"str", "int", "float", "bool"} and not part.endswith("Section")]
     dotted = ".".join(loc)
     where = _where(dotted, lines, source, overrides or {})
     if error["type"] == "extra_forbidden":

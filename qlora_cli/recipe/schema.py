@@ -29,7 +29,10 @@ class ModelSection(_Section):
     )
     trust_remote_code: bool = Field(False, description="Run modelling code shipped with the model (off unless you trust it).")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        "auto", description="Attention kernel; auto = flash_attention_2 if installed on GPU, else sdpa."
+        "auto", description="Attention kernel; auto = flash_attention_2 if installed on GPU, else sdpa, else eager (what the family supports)."
+    )
+    chat_template: Optional[str] = Field(
+        None, description="A Jinja chat template file replacing the tokenizer's (e.g. one that renders tools); saved with the adapter."
     )
     init_adapter: Optional[str] = Field(
         None,
@@ -102,13 +105,42 @@ class ColumnsSection(_Section):
     rejected: str = Field("rejected", description="Dispreferred response: text or an assistant message (format: preference).")
     label: str = Field("label", description="true = desirable completion, false = undesirable (format: unpaired_preference).")
     reference: str = Field("reference", description="Optional reference answer that rewards and evaluation read (format: prompt_only).")
+    tools: str = Field("tools", description="Optional column with the row's tool (function) schemas, passed to the chat template (format: chat).")
+    system: str = Field("system", description="Optional column with a per-row system prompt, put first when the messages have none (format: chat).")
+
+
+Format = Literal["text", "alpaca", "chat", "prompt_completion", "preference", "unpaired_preference", "prompt_only"]
+
+
+class SourceSection(_Section):
+    path: str = Field(description="A jsonl/json/csv/parquet file, a saved HF dataset folder, or a hub dataset id.")
+    format: Optional[Format] = Field(None, description="This source's format; default: data.format.")
+    columns: Optional[ColumnsSection] = Field(None, description="This source's column names; default: data.columns.")
+    split: Optional[str] = Field(None, description="Split of a hub id or saved DatasetDict; default: data.split.")
+    subset: Optional[str] = Field(None, description="Hub dataset subset (configuration) name.")
+    weight: Optional[float] = Field(None, gt=0, description="Share of the mixed training rows drawn from this source, relative to the other weights (rows repeat when it asks for more than the source has).")
+    take: Optional[int] = Field(None, gt=0, description="Use exactly the first N rows of this source (instead of a weight).")
+
+    @field_validator("path")
+    @classmethod
+    def _names_a_path(cls, value):
+        if not value.strip():
+            raise ValueError("must name a file, dataset folder or hub id")
+        return value
+
+    @model_validator(mode="after")
+    def _weight_or_take(self):
+        if self.weight is not None and self.take is not None:
+            raise ValueError("give a source weight or take, not both")
+        return self
 
 
 class DataSection(_Section):
-    train: Union[str, list[str]] = Field(
-        description="Training data: jsonl/json/csv/parquet file(s), a saved HF dataset folder, or a hub dataset id."
+    train: Union[str, list[Union[str, SourceSection]]] = Field(
+        description="Training data: jsonl/json/csv/parquet file(s), a saved HF dataset folder, or a hub dataset id; or a list of "
+        "sources ({path, format, columns, split, subset, weight | take}) mixed by weight."
     )
-    format: Literal["text", "alpaca", "chat", "prompt_completion", "preference", "unpaired_preference", "prompt_only"] = Field(
+    format: Format = Field(
         description="How rows turn into text and which tokens are scored; preference (prompt, chosen, rejected) for dpo / orpo, "
         "unpaired_preference (prompt, completion, label) for kto, prompt_only (prompt, optional reference) for grpo."
     )
@@ -119,6 +151,9 @@ class DataSection(_Section):
     max_seq_len: int = Field(1024, gt=0, description="Rows are cut to this many tokens (see overlong).")
     overlong: Literal["truncate", "drop"] = Field("truncate", description="What to do with rows longer than max_seq_len.")
     train_on_prompt: bool = Field(False, description="Score prompt tokens too; by default the loss covers responses only.")
+    train_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant", description="Chat: train every assistant turn of a conversation, or only the last (each with its end-of-turn token)."
+    )
     packing: bool = Field(
         True,
         description="Padding-free batches: rows are concatenated with per-row position ids so no token is padding "
@@ -131,8 +166,18 @@ class DataSection(_Section):
     def _names_a_source(cls, value):
         if isinstance(value, list) and not value or isinstance(value, str) and not value.strip():
             raise ValueError("must name at least one file, dataset folder or hub id")
-        if isinstance(value, list) and any(not item.strip() for item in value):
+        if isinstance(value, list) and any(isinstance(item, str) and not item.strip() for item in value):
             raise ValueError("has an empty entry; give file, dataset folder or hub id names")
+        return value
+
+    @field_validator("train")
+    @classmethod
+    def _weights_for_all(cls, value):
+        if isinstance(value, list):
+            weighted = [isinstance(item, SourceSection) and item.weight is not None for item in value]
+            taken = [isinstance(item, SourceSection) and item.take is not None for item in value]
+            if any(weighted) and not all(w or t for w, t in zip(weighted, taken)):
+                raise ValueError("when one source has a weight, every source needs a weight (or a take)")
         return value
 
 

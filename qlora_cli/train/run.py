@@ -94,6 +94,7 @@ def setup(recipe: Recipe, resume_from: Optional[Path], skipped: list[str], force
         "processes": f"{here.size} ({distributed.strategy(recipe, here)})" if here.distributed else 1,
         "loss_kernel": f"{loss_kernel.name} ({loss_kernel.reason})",
         "compile": "torch.compile" if recipe.train.compile else "off",
+        **({"targets": adapter.note} if adapter.note else {}),
         "trainable_params": trainable,
         "total_params": total,
         "train_rows": train_stats.kept,

@@ -9,10 +9,11 @@ import pytest
 from qlora_cli.errors import ConfigError
 from qlora_cli.estimate import GIB, Plan, estimate, from_config, resolve
 from qlora_cli.estimate.memory import Trainable, base_weight_bytes, optimizer_state_bytes, quantized_linear_bytes, trainable_params
+from qlora_cli.model.families import moe_targets
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral"]
+MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe"]
 
 
 def tiny_model(model_type: str, **overrides):
@@ -23,6 +24,8 @@ def tiny_model(model_type: str, **overrides):
     fields = dict(TINY, **overrides)
     if model_type == "mixtral":
         fields.update(num_local_experts=4, num_experts_per_tok=2)
+    if model_type == "qwen2_moe":
+        fields.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80)
     config = AutoConfig.for_model(model_type, **fields)
     return AutoModelForCausalLM.from_config(config), config.to_dict()
 
@@ -45,7 +48,8 @@ def test_total_params_equal_transformers_model(model_type):
 def test_all_linear_lora_count_equals_peft(model_type):
     model, config = tiny_model(model_type)
     arch = from_config(config, model_type, "test")
-    expected = peft_trainable(model, r=4, target_modules="all-linear", lora_dropout=0.0)
+    moe = moe_targets(model)  # what `qlora train` makes of all-linear on an MoE base
+    expected = peft_trainable(model, r=4, target_modules=moe[0] if moe else "all-linear", lora_dropout=0.0)
     assert trainable_params(arch, Plan(lora_r=4, target_modules="all-linear", lora_dropout=0.0)) == expected
 
 

@@ -102,3 +102,84 @@ def test_any_set_override(base_recipe, assignment):
     path = folder / "set.yaml"
     path.write_text(yaml.safe_dump(recipe))
     check_validate(path, "--set", assignment)
+
+
+# ---- anchors, aliases, merge keys and deep nesting --------------------------------------------
+
+SECTIONS = ("model", "quantization", "lora", "data", "train")
+
+
+def _flow(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+@st.composite
+def aliased_documents(draw, recipe: dict) -> str:
+    """The base recipe as YAML text where one section is written through an anchor: as an alias of
+    another key's value, a merge key (`<<: *x`, or a list of them) plus a fuzzed key, an alias
+    that contains itself, a value nested deeply, or aliases of aliases (an alias bomb)."""
+    section = draw(st.sampled_from(SECTIONS))
+    kind = draw(st.sampled_from(["alias", "merge", "merge_list", "self", "deep", "bomb"]))
+    lines = [f"{name}: {_flow(value)}" for name, value in recipe.items() if name != section]
+    own = recipe.get(section, {})
+    if kind == "alias":
+        source = draw(st.sampled_from([own, draw(values)]))
+        lines += [f"x-shared: &shared {_flow(source)}", f"{section}: *shared"]
+    elif kind in ("merge", "merge_list"):
+        extra_key = draw(st.sampled_from(sorted(own) or ["path"]) | text.filter(lambda t: t.strip() and t.isprintable()))
+        merged = "*base" if kind == "merge" else "[*base, *more]"
+        lines += [f"x-base: &base {_flow(own)}", f"x-more: &more {_flow(draw(st.dictionaries(text, scalars, max_size=2)))}",
+                  f"{section}:", f"  <<: {merged}", f"  {_flow(extra_key)}: {_flow(draw(values))}"]
+    elif kind == "self":
+        lines += [f"{section}: &loop {{path: *loop, r: 1}}"]
+    elif kind == "deep":
+        depth = draw(st.integers(min_value=1, max_value=200))
+        opener, closer = draw(st.sampled_from([("[", "]"), ("{k: ", "}")]))
+        lines += [f"{section}: {opener * depth}{_flow(draw(scalars))}{closer * depth}"]
+    else:
+        width, levels = draw(st.integers(2, 12)), draw(st.integers(2, 9))
+        lines += [f"x0: &a0 [{', '.join(['lol'] * width)}]"]
+        lines += [f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, levels)]
+        lines += [f"{section}: *a{levels - 1}"]
+    return "\n".join(lines) + "\n"
+
+
+@FUZZ
+@given(data=st.data())
+def test_anchors_aliases_merge_keys_and_deep_nesting(base_recipe, data):
+    folder, recipe = base_recipe
+    path = folder / "aliased.yaml"
+    path.write_text(data.draw(aliased_documents(recipe)), encoding="utf-8")
+    check_validate(path)
+
+
+@pytest.mark.parametrize("document,expected", [
+    ("model: &a {path: *a}\n", "refers to itself through a YAML alias"),  # found by the issue: a RecursionError
+    ("model: " + "[" * 3000 + "]" * 3000 + "\n", "nested more than 32 levels deep"),  # past Python's recursion limit
+    ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefg", "bcdefgh")),
+     "expands to more than 20,000 values through YAML aliases"),  # 10^8 values: minutes before the limit
+], ids=["recursive", "deep", "alias-bomb"])
+def test_yaml_that_would_crash_or_hang_is_one_line(base_recipe, document, expected):
+    folder, _ = base_recipe
+    path = folder / "hostile.yaml"
+    path.write_text(document)
+    result = check_validate(path)
+    assert result.exit_code == 2 and expected in result.stderr
+
+
+def test_an_alias_and_a_merge_key_give_the_recipe_they_spell(base_recipe):
+    from qlora_cli.recipe.loader import load_recipe
+
+    folder, recipe = base_recipe
+    lines = [f"{name}: {_flow(value)}" for name, value in recipe.items() if name not in ("lora", "data")]
+    data = recipe["data"]
+    lines += [
+        "x-adapter: &adapter {r: 8, alpha: 16, dropout: 0.0}",  # an x- key only holds the anchor
+        "lora:", "  <<: *adapter", "  r: 2",  # a merge key, overridden by the key beside it
+        f"data: {{train: &rows {data['train']}, eval: *rows, format: chat}}",
+    ]
+    path = folder / "merged.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    loaded = load_recipe(path)
+    assert (loaded.lora.r, loaded.lora.alpha, loaded.lora.dropout) == (2, 16, 0.0)
+    assert loaded.data.eval == loaded.data.train == data["train"]

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from qlora_cli.errors import ConfigError, ModelError, library_message
-from qlora_cli.model import loading
+from qlora_cli.model import families, loading
 from qlora_cli.model.adapters import bottleneck, ia3, lora, prompts  # noqa: F401  (each registers its method)
 from qlora_cli.model.adapters.registry import METHODS, AdapterMethod, by_peft_type
 from qlora_cli.recipe.schema import Recipe
@@ -32,6 +32,7 @@ class Adapter:
     settings: Optional[dict] = None  # our own adapters' saved config (bottleneck)
     unfrozen: list[str] = field(default_factory=list)
     initial: Optional[Path] = None  # PiSSA / OLoRA starting point, saved against
+    note: Optional[str] = None  # a decision printed at start-up (what all-linear means on an MoE base)
 
     @property
     def ours(self) -> bool:
@@ -93,6 +94,11 @@ def attach(model, recipe: Recipe) -> Adapter:
     if recipe.model.init_adapter:  # continue a trained LoRA adapter (checked by preflight)
         model = PeftModel.from_pretrained(model, recipe.model.init_adapter, is_trainable=True)
         return Adapter(model, method, None, unfrozen)
+    note = None
+    moe = families.moe_targets(model) if method.name == "lora" and recipe.lora.target_modules == "all-linear" else None
+    if moe:
+        targets, note = moe
+        recipe = recipe.model_copy(update={"lora": recipe.lora.model_copy(update={"target_modules": targets})})
     try:
         names = [name for name, _ in model.named_modules()]
         model = get_peft_model(model, method.peft_config(recipe, unfrozen, model.config.model_type, names))
@@ -105,7 +111,7 @@ def attach(model, recipe: Recipe) -> Adapter:
             ) from None
         raise ModelError(f"cannot attach the {method.name} adapter: {message}") from None
     initial = lora.special_init(model, recipe) if method.name == "lora" else None
-    return Adapter(model, method, None, unfrozen, initial)
+    return Adapter(model, method, None, unfrozen, initial, note)
 
 
 def adapter_type(folder: Path) -> str:
