@@ -85,7 +85,7 @@ def check_messages(messages, where: str, added: int = 0) -> None:
             raise DataError(f"{at}: every message needs `role` and `content` (a {role} message without text)")
 
 
-def _render(tokenizer, messages: list[dict], tools: Optional[list], generation_prompt: bool) -> list[int]:
+def render_ids(tokenizer, messages: list[dict], tools: Optional[list], generation_prompt: bool) -> list[int]:
     try:
         text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as exc:  # jinja raises its own types for templates that reject a conversation
@@ -108,7 +108,7 @@ def chat_ids(
         raise DataError("format chat needs a tokenizer with a chat template; this one has none (set model.chat_template, or use alpaca or prompt_completion)")
     check_messages(messages, where, added)
     try:
-        ids = _render(tokenizer, messages, tools, generation_prompt=False)
+        ids = render_ids(tokenizer, messages, tools, generation_prompt=False)
     except DataError as exc:
         tooling = tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
         hint = "; this row has tool calls: set model.chat_template to a template with tools (e.g. data/tools/chatml-tools.jinja)" if tooling else ""
@@ -119,8 +119,8 @@ def chat_ids(
     turns = [turn for turn, message in enumerate(messages) if message["role"] == "assistant"]
     special = _special_ids(tokenizer)
     for turn in turns if train_on == "all_assistant" else turns[-1:]:
-        start = len(_render(tokenizer, messages[:turn], tools, generation_prompt=True))
-        through = _render(tokenizer, messages[: turn + 1], tools, generation_prompt=False)
+        start = len(render_ids(tokenizer, messages[:turn], tools, generation_prompt=True))
+        through = render_ids(tokenizer, messages[: turn + 1], tools, generation_prompt=False)
         end = len(through)
         if through != ids[:end] or start > end:
             raise DataError(

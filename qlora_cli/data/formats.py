@@ -23,7 +23,7 @@ ALPACA_PROMPT_WITH_INPUT = (
 )
 
 
-def _with_eos(ids: list[int], tokenizer) -> list[int]:
+def with_eos(ids: list[int], tokenizer) -> list[int]:
     eos = tokenizer.eos_token_id
     return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
 
@@ -31,7 +31,7 @@ def _with_eos(ids: list[int], tokenizer) -> list[int]:
 def _prompt_completion_ids(prompt: str, completion: str, tokenizer, train_on_prompt: bool) -> tuple[list[int], list[int]]:
     # Tokenized apart and joined, so the boundary between prompt and response is exact.
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    completion_ids = _with_eos(tokenizer(completion, add_special_tokens=False)["input_ids"], tokenizer)
+    completion_ids = with_eos(tokenizer(completion, add_special_tokens=False)["input_ids"], tokenizer)
     ids = prompt_ids + completion_ids
     labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids) + completion_ids
     return ids, labels
@@ -47,7 +47,7 @@ def format_row(row: dict, data: DataSection, tokenizer, index: int = 0) -> tuple
     """(input_ids, labels) for one raw row, before truncation."""
     columns = data.columns
     if data.format == "text":
-        ids = _with_eos(tokenizer(row[columns.text], add_special_tokens=True)["input_ids"], tokenizer)
+        ids = with_eos(tokenizer(row[columns.text], add_special_tokens=True)["input_ids"], tokenizer)
         return ids, list(ids)
     if data.format == "chat":
         messages, tools, added = conversation(row, columns.messages, columns.tools, columns.system)

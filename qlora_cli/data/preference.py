@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import datasets
 
-from qlora_cli.data.formats import _check_messages, _render, _with_eos
+from qlora_cli.data.chat import check_messages, render_ids
+from qlora_cli.data.formats import with_eos
 from qlora_cli.errors import DataError
 from qlora_cli.recipe.schema import DataSection
 
@@ -35,7 +36,7 @@ def prompt_text(prompt, tokenizer, row: int) -> str:
     assistant's turn opened."""
     if not _is_chat(prompt):
         return prompt
-    _check_messages(prompt, row)
+    check_messages(prompt, f"row {row}")
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"row {row}: the prompt is chat messages but this tokenizer has no chat template; give the prompt as text")
     try:
@@ -47,7 +48,7 @@ def prompt_text(prompt, tokenizer, row: int) -> str:
 def _response_message(response, row: int, name: str) -> dict:
     if isinstance(response, dict):
         response = [response]
-    _check_messages(response, row)
+    check_messages(response, f"row {row}")
     if len(response) != 1 or response[0]["role"] != "assistant":
         raise DataError(f"row {row}: `{name}` as messages must be one assistant message")
     return response[0]
@@ -60,13 +61,13 @@ def response_ids(prompt, response, tokenizer, row: int, name: str) -> tuple[list
         if _is_chat(response) or isinstance(response, dict):
             raise DataError(f"row {row}: the prompt is text but `{name}` is messages; give both as text or both as messages")
         prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        return prompt_ids, _with_eos(tokenizer(str(response), add_special_tokens=False)["input_ids"], tokenizer)
+        return prompt_ids, with_eos(tokenizer(str(response), add_special_tokens=False)["input_ids"], tokenizer)
     message = response if isinstance(response, (list, dict)) else {"role": "assistant", "content": str(response)}
     message = _response_message(message, row, name)
-    _check_messages(prompt, row)
+    check_messages(prompt, f"row {row}")
     try:
-        prompt_ids = _render(tokenizer, prompt, generation_prompt=True)
-        full = _render(tokenizer, [*prompt, message], generation_prompt=False)
+        prompt_ids = render_ids(tokenizer, prompt, None, generation_prompt=True)
+        full = render_ids(tokenizer, [*prompt, message], None, generation_prompt=False)
     except DataError as exc:
         raise DataError(f"row {row}: {exc}") from None
     if full[: len(prompt_ids)] != prompt_ids:

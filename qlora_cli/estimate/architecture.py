@@ -124,11 +124,6 @@ def _decoder_linears(model_type: str, hidden: int, inter: int, q_dim: int, kv_di
     )
     if model_type == "mixtral":
         return attention
-    if model_type == "qwen2_moe":  # the shared expert (a gated MLP) and its gate are nn.Linear
-        return attention + (
-            Linear("gate_proj", hidden, inter, mlp_bias, "mlp_in"), Linear("up_proj", hidden, inter, mlp_bias, "mlp_in"),
-            Linear("down_proj", inter, hidden, mlp_bias, "mlp_out"), Linear("shared_expert_gate", hidden, 1, False, "mlp_in"),
-        )
     return attention + (
         Linear("gate_proj", hidden, inter, mlp_bias, "mlp_in"), Linear("up_proj", hidden, inter, mlp_bias, "mlp_in"),
         Linear("down_proj", inter, hidden, mlp_bias, "mlp_out"),

@@ -15,7 +15,6 @@ Pure arithmetic on the recipe; plan.py calls `adjust_plan`, budget.py adds `extr
 
 from __future__ import annotations
 
-from qlora_cli.estimate import activations
 from qlora_cli.estimate.architecture import Architecture
 
 PAIRED = ("dpo", "orpo", "kto")
@@ -39,11 +38,12 @@ def kv_cache_bytes(arch: Architecture, plan) -> int:
     return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * plan.tokens * plan.dtype_bytes
 
 
-def extra_terms(arch: Architecture, plan) -> dict[str, int]:
-    """Terms beyond SFT's, in bytes, by name (empty for sft)."""
+def extra_terms(arch: Architecture, plan, logits_bytes: int) -> dict[str, int]:
+    """Terms beyond SFT's, in bytes, by name (empty for sft); `logits_bytes` is the step's loss-head
+    peak (activations.logits_bytes, passed in because activations.py sits above plan.py, which calls here)."""
     terms = {}
     if plan.reference_forward:
-        terms["reference_forward"] = activations.logits_bytes(arch, plan)
+        terms["reference_forward"] = logits_bytes
     if plan.objective == "grpo":
         terms["generation_kv_cache"] = kv_cache_bytes(arch, plan)
     return terms
