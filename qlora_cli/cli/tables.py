@@ -62,7 +62,9 @@ def gguf_table(exported: dict) -> Table:
         table.add_row("tokenizer round trip", f"{tokens['identical']}/{tokens['texts']} identical, chat template "
                       f"{'equal' if tokens['chat_template_equal'] else 'DIFFERS'}")
     llama = exported.get("llamacpp")
-    if llama and not llama.get("skipped"):
+    if llama and not llama.get("skipped") and "tokenization" not in llama:
+        table.add_row("llama.cpp", f"[red]FAIL[/] ({llama['failures'][0][:120]})")
+    elif llama and not llama.get("skipped"):
         verdict = "[green]PASS[/]" if llama["passed"] else "[red]FAIL[/]"
         tokens = llama["tokenization"]
         table.add_row("llama.cpp", f"{verdict} ({llama['runtime']})")

@@ -35,7 +35,7 @@ def _load():
         # llama.cpp logs every load to stderr: its errors are kept to name in ours, the rest dropped.
         # The callback object must outlive the library's use of it.
         def keep_errors(level, text, data):
-            if level in (3, 4) and text:  # ggml_log_level WARN, ERROR
+            if level == 4 and text:  # GGML_LOG_LEVEL_ERROR
                 _state["errors"].append(text.decode("utf-8", "replace").strip())
                 del _state["errors"][:-4]
 

