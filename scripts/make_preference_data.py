@@ -2,7 +2,8 @@
 
 - data/quickstart_dpo/{train,eval}.jsonl (format preference): the prompt asks for a sentence's topic;
   `chosen` is the right topic, `rejected` the wrong topic the base SmolLM2-135M-Instruct scores
-  highest (its most tempting mistake), so the base prefers `rejected` on most pairs.
+  highest (its most tempting mistake,
+  by the first token's log-probability), so the base prefers `rejected` on most pairs.
 - data/quickstart_grpo/{train,eval}.jsonl (format prompt_only): the same question with the topic as
   `reference`; rewards (configs/quickstart-grpo.yaml) score a terse, correct answer.
 Deterministic (fixed seed, the base scored in fp32); needs the demo model (`qlora demo-model`).
@@ -28,16 +29,12 @@ N_EVAL = 50
 
 @torch.no_grad()
 def topic_logps(model, tokenizer, sentence: str) -> dict[str, float]:
-    """log p(topic + end of turn | question) under the model, for every topic."""
+    """log p(first token of each topic | question) under the model: one forward per sentence (every
+    topic's first token is distinct, and `qlora evaluate` measures the base on whole answers anyway)."""
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION.format(sentence=sentence)}], tokenize=False, add_generation_prompt=True)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    scores = {}
-    for topic in TOPICS:
-        answer = tokenizer(topic + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([prompt_ids + answer])
-        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].float()
-        scores[topic] = float(logits.log_softmax(-1).gather(1, torch.tensor(answer)[:, None]).sum())
-    return scores
+    prompt_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    logprobs = model(prompt_ids, logits_to_keep=1).logits[0, -1].float().log_softmax(-1)
+    return {topic: float(logprobs[tokenizer(topic, add_special_tokens=False)["input_ids"][0]]) for topic in TOPICS}
 
 
 def main() -> None:
@@ -45,9 +42,11 @@ def main() -> None:
     rows = sentences(rng)
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     pairs, prompts = [], []
-    for sentence, topic in rows:
+    for number, (sentence, topic) in enumerate(rows):
+        if number % 100 == 0:
+            print(f"scored {number}/{len(rows)} sentences", flush=True)
         scores = topic_logps(model, tokenizer, sentence)
         tempting = max((t for t in TOPICS if t != topic), key=scores.get)
         prompt = [{"role": "user", "content": QUESTION.format(sentence=sentence)}]
