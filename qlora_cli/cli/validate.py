@@ -49,7 +49,7 @@ def validate(
     if as_json:
         print(json.dumps(summary))
         return
-    out.print(kv_table("recipe", {k: v for k, v in summary.items() if k not in ("train", "eval")}))
+    out.print(kv_table("recipe", {k: v for k, v in summary.items() if k not in ("train", "eval", "rows")}))
     for name in ("train", "eval"):
         if summary[name]:
             out.print(kv_table(f"{name} data", {k: v for k, v in summary[name].items() if k != "mix"}))

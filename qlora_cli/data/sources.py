@@ -52,6 +52,9 @@ def load_rows(spec: Union[str, list[str]], split: str = "train", key: str = "dat
                     raise DataError(f"{key}: {problem}")
                 with _quiet(datasets):
                     part = datasets.load_dataset(builder, data_files=str(path), split="train")
+            elif path.is_dir() and not _saved_dataset(path):  # a dataset repository on disk: read as the hub's
+                with _quiet(datasets):
+                    part = datasets.load_dataset(str(path), subset, split=split)
             elif path.is_dir():
                 part = datasets.load_from_disk(str(path))
                 if isinstance(part, datasets.DatasetDict):
@@ -70,6 +73,11 @@ def load_rows(spec: Union[str, list[str]], split: str = "train", key: str = "dat
     if len(dataset) == 0:
         raise DataError(f"{key}: {', '.join(_as_list(spec))} has no rows")
     return dataset
+
+
+def _saved_dataset(folder: Path) -> bool:
+    """A folder written by datasets' save_to_disk (a Dataset or a DatasetDict)."""
+    return any((folder / name).is_file() for name in ("dataset_dict.json", "state.json", "dataset_info.json"))
 
 
 @contextlib.contextmanager

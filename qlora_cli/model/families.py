@@ -87,10 +87,14 @@ def attention(model: ModelSection, found: Optional[Family] = None) -> str:
     return "sdpa" if found.supports_sdpa else "eager"
 
 
+def _is_linear(module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ in {"Linear4bit", "Linear8bitLt"}
+
+
 def _linear_leaves(model) -> list[str]:
     names = set()
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) or type(module).__name__ in {"Linear4bit", "Linear8bitLt"}:
+        if _is_linear(module):
             names.add(name.rpartition(".")[2])
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     heads = {name.rpartition(".")[2] for name, module in model.named_modules() if module is output}
@@ -118,3 +122,18 @@ def moe_targets(model) -> Optional[tuple[list[str], str]]:
         "router of each layer stay frozen (name modules in lora.target_modules to choose otherwise)"
     )
     return leaves, note
+
+
+def check_moe_targets(model, targets: list[str]) -> None:
+    """On an MoE base, a listed module that is not a linear layer (the fused experts, the router)
+    is one line: peft would wrap it in a ParamWrapper (no lora_dropout, no merge) or refuse it
+    with its module's repr."""
+    if moe_targets(model) is None:
+        return
+    for key in targets:
+        for name, module in model.named_modules():
+            if (name == key or name.endswith("." + key)) and not _is_linear(module):
+                raise ModelError(
+                    f"lora.target_modules: `{key}` is a {type(module).__name__} on this mixture-of-experts model, not a linear layer; "
+                    f"qlora adapts linear layers only (routed experts and routers stay frozen): choose from {', '.join(_linear_leaves(model))}"
+                )

@@ -72,3 +72,22 @@ def test_a_bad_row_in_the_second_source_names_that_file(recipe_dict, tmp_path):
     line = one_line_error(invoke("train", write_recipe(tmp_path, recipe_dict)), 3)
     assert f"{bad}: row 2 message 1: unknown role 'human'" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_dataset_repository_with_subsets_is_read_as_from_the_hub(recipe_dict, tiny_tokenizer, tmp_path):
+    """The hub path (subset and split) on a local dataset repository: data files per subset, named
+    in its README's `configs`, as hub datasets are laid out."""
+    repo = tmp_path / "repo"
+    for subset, answer in (("music", "music"), ("sports", "sports")):
+        (repo / subset).mkdir(parents=True)
+        write_jsonl(repo / subset / "train.jsonl", [chat("cat", answer)] * 3)
+        write_jsonl(repo / subset / "test.jsonl", [chat("dog", answer)] * 2)
+    configs = "".join(f"- config_name: {s}\n  data_files:\n  - split: train\n    path: {s}/train.jsonl\n  - split: test\n    path: {s}/test.jsonl\n"
+                      for s in ("music", "sports"))
+    (repo / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
+    recipe = recipe_from(recipe_dict, data={"train": [{"path": str(repo), "subset": "sports", "split": "test"}]})
+    train, _, _, _ = load_splits(recipe.data, tiny_tokenizer, 0)
+    assert answers(train, tiny_tokenizer) == ["sports", "sports"]
+    recipe_dict["data"]["train"] = [{"path": str(repo), "subset": "cooking"}]
+    line = one_line_error(invoke("validate", write_recipe(tmp_path, recipe_dict)), 3)
+    assert "cooking" in line and "music" in line  # the missing subset, and the ones there are

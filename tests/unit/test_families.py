@@ -116,6 +116,16 @@ def test_moe_all_linear_leaves_experts_and_router_frozen(tiny_tokenizer):
     assert families.moe_targets(build_family("llama", len(tiny_tokenizer))) is None
 
 
+@pytest.mark.parametrize("target", ["experts", "gate"])
+def test_listing_moe_experts_or_router_is_one_line(target, recipe_dict, tiny_tokenizer):
+    from qlora_cli.errors import ModelError
+    from qlora_cli.model import adapters
+
+    recipe = recipe_from(recipe_dict, lora={"target_modules": ["q_proj", target], "dropout": 0.05})
+    with pytest.raises(ModelError, match=rf"`{target}` is a Mixtral\w+ on this mixture-of-experts model, not a linear layer; .*choose from k_proj"):
+        adapters.attach(build_family("mixtral", len(tiny_tokenizer)), recipe)
+
+
 def test_a_model_that_is_not_a_causal_lm_is_one_line_before_weights_load(recipe_dict, tmp_path):
     folder = tmp_path / "t5"
     folder.mkdir()

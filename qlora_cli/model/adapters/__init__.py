@@ -99,6 +99,8 @@ def attach(model, recipe: Recipe) -> Adapter:
     if moe:
         targets, note = moe
         recipe = recipe.model_copy(update={"lora": recipe.lora.model_copy(update={"target_modules": targets})})
+    elif method.name == "lora":
+        families.check_moe_targets(model, recipe.lora.target_modules)
     try:
         names = [name for name, _ in model.named_modules()]
         model = get_peft_model(model, method.peft_config(recipe, unfrozen, model.config.model_type, names))
