@@ -115,6 +115,19 @@ def run_row(family: str, row: dict, cache: Path) -> dict:
             "phase": traced.phase_at_peak, "terms": traced.as_estimate_terms(), "largest": traced.largest, "breakdown": result.breakdown, "seconds": seconds}
 
 
+LOG_ROW = re.compile(r"^\s*\d+ (?P<config>.+?)\s+traced\s+(?P<traced>[\d.]+) est\s+(?P<est>[\d.]+)\s+(?P<err>[+-][\d.]+)%.*peak in (?P<phase>\w+)\)")
+
+
+def rows_from_log(text: str) -> list[dict]:
+    """The rows a run printed (figures in MiB as printed, error as printed)."""
+    rows = []
+    for match in (LOG_ROW.match(line) for line in text.splitlines()):
+        if match:
+            rows.append({"config": match["config"].strip(), "traced": float(match["traced"]) * MIB, "estimated": float(match["est"]) * MIB,
+                         "error": float(match["err"]) / 100, "phase": match["phase"]})
+    return rows
+
+
 def table(results: list[dict]) -> str:
     lines = ["| # | model | configuration | traced MiB | estimated MiB | error | peak in |", "|---|---|---|---:|---:|---:|---|"]
     for index, r in enumerate(results, 1):
@@ -132,7 +145,14 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated row numbers (1-based)")
     parser.add_argument("--write", type=Path, help="replace the grid section of this markdown file")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/qlora-estimate-grid"), help="where the tiny models are saved")
+    parser.add_argument("--from-log", type=Path, help="rebuild the table from the printed lines of an earlier run's log")
     args = parser.parse_args()
+    if args.from_log:
+        results = rows_from_log(args.from_log.read_text())
+        print(table(results))
+        if args.write:
+            write_section(args.write, table(results))
+        return
     chosen = [int(n) for n in args.only.split(",")] if args.only else range(1, len(GRID) + 1)
     results = []
     for number in chosen:
@@ -145,13 +165,15 @@ def main() -> None:
         shown = {k: round(v / MIB, 3) for k, v in result["breakdown"].items() if k not in DEVICE_TERMS}
         print(f"     trace {terms}\n     est   {shown}", flush=True)
         print("     largest at the peak: " + ", ".join(f"{size / MIB:.2f} {term} {op}" for size, term, op in result["largest"]), flush=True)
-    text = table(results)
-    print(text)
-    if args.write:
-        document = args.write.read_text()
-        section = f"{BEGIN}\n{text}\n{END}"
-        document = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, document, flags=re.S)
-        args.write.write_text(document)
+        if args.write:  # after every row: a run cut short still leaves the rows it finished
+            write_section(args.write, table(results))
+    print(table(results))
+
+
+def write_section(path: Path, text: str) -> None:
+    document = path.read_text()
+    section = f"{BEGIN}\n{text}\n{END}"
+    path.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, document, flags=re.S))
 
 
 if __name__ == "__main__":
