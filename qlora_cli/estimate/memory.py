@@ -137,21 +137,6 @@ def trainable_tensors(arch: Architecture, plan: Plan) -> list[Trainable]:
         tensors.append(Trainable(f"{linear.name}.lora_B", r * linear.out_features, layers, ADAPTER_BYTES))
         if plan.use_dora:
             tensors.append(Trainable(f"{linear.name}.lora_magnitude", linear.out_features, layers, ADAPTER_BYTES))
-    if "router" in others:
-        tensors.append(Trainable("router.lora_A", r * arch.hidden_size, layers, ADAPTER_BYTES))
-        tensors.append(Trainable("router.lora_B", r * arch.router_experts, layers, ADAPTER_BYTES))
-    if "experts" in others and arch.expert_layout == PER_EXPERT:  # LoRA on every expert's w1, w3 (gate_up) and w2
-        for expert in arch.experts:
-            halves = 2 if expert.name == "gate_up_proj" else 1
-            out = expert.out_features // halves
-            tensors.append(Trainable(f"experts.{expert.name}.lora_A", r * expert.in_features, layers * expert.num_experts * halves, ADAPTER_BYTES))
-            tensors.append(Trainable(f"experts.{expert.name}.lora_B", r * out, layers * expert.num_experts * halves, ADAPTER_BYTES))
-    elif "experts" in others:  # peft ParamWrapper: A is (r * experts) x in, B is out x (r * experts)
-        for expert in arch.experts:
-            # peft's all-linear MoE preset sets rank_pattern {gate_up_proj: 2r} (fused gate + up halves)
-            rank = r * expert.num_experts * (2 if expert.name == "gate_up_proj" else 1)
-            tensors.append(Trainable(f"experts.{expert.name}.lora_A", rank * expert.in_features, layers, ADAPTER_BYTES))
-            tensors.append(Trainable(f"experts.{expert.name}.lora_B", rank * expert.out_features, layers, ADAPTER_BYTES))
     for leaf in ("lm_head", "embed_tokens"):
         if leaf in others:  # lm_head: Linear(hidden, vocab); embed_tokens: LoRA Embedding (r x vocab, hidden x r)
             tensors.append(Trainable(f"{leaf}.lora_A", r * (arch.hidden_size if leaf == "lm_head" else arch.vocab_size), 1, ADAPTER_BYTES))

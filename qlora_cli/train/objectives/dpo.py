@@ -7,7 +7,13 @@ from trl import DPOConfig, DPOTrainer
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 
 from qlora_cli.train.objectives.base import (
-    Objective, PairRows, PreTokenized, restore_reference_and_dtypes, trainable_dtypes, trl_config_kwargs, trl_trainer_class,
+    Objective,
+    PairRows,
+    PreTokenized,
+    restore_reference_and_dtypes,
+    trainable_dtypes,
+    trl_config_kwargs,
+    trl_trainer_class,
 )
 
 CURVES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")

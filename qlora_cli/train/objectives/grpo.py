@@ -9,9 +9,7 @@ from trl import GRPOConfig, GRPOTrainer
 from qlora_cli.evaluate.rewards import check_recipe_rewards, checked_rewards
 from qlora_cli.model import quantized
 from qlora_cli.train import distributed
-from qlora_cli.train.objectives.base import (
-    Objective, restore_reference_and_dtypes, trainable_dtypes, trl_config_kwargs, trl_trainer_class,
-)
+from qlora_cli.train.objectives.base import Objective, restore_reference_and_dtypes, trainable_dtypes, trl_config_kwargs, trl_trainer_class
 
 CURVES = ("reward", "rewards/*/mean", "kl", "completions/mean_length")
 

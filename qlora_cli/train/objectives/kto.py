@@ -6,9 +6,7 @@ from __future__ import annotations
 
 from trl import KTOConfig, KTOTrainer
 
-from qlora_cli.train.objectives.base import (
-    Objective, restore_reference_and_dtypes, trainable_dtypes, trl_config_kwargs, trl_trainer_class,
-)
+from qlora_cli.train.objectives.base import Objective, restore_reference_and_dtypes, trainable_dtypes, trl_config_kwargs, trl_trainer_class
 
 CURVES = ("rewards/chosen_sum", "rewards/rejected_sum", "kl")
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-from qlora_cli.train.objectives.base import (
-    Objective, PairRows, restore_reference_and_dtypes, trainable_dtypes, trl_config_kwargs, trl_trainer_class,
-)
+from qlora_cli.train.objectives.base import Objective, PairRows, restore_reference_and_dtypes, trainable_dtypes, trl_config_kwargs, trl_trainer_class
 
 CURVES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "log_odds_ratio")
 
