@@ -79,7 +79,7 @@ def estimate(arch: Architecture, plan: Plan) -> Estimate:
         "optimizer_states": memory.optimizer_state_bytes(tensors, plan.optimizer),
         "activations": act["total"],
         "logits_and_loss": act["loss peak"],
-        **objectives.extra_terms(arch, plan, activations.logits_bytes(arch, plan)),  # dpo / kto / grpo: reference forward, generation KV cache
+        **objectives.extra_terms(arch, plan, activations.logits_bytes),  # dpo / kto / grpo: reference forward, generation KV cache
     }
     notes = list(arch.notes)
     _spread_over_processes(breakdown, base, arch, plan, notes)

@@ -15,6 +15,8 @@ Pure arithmetic on the recipe; plan.py calls `adjust_plan`, budget.py adds `extr
 
 from __future__ import annotations
 
+from typing import Callable
+
 from qlora_cli.estimate.architecture import Architecture
 
 PAIRED = ("dpo", "orpo", "kto")
@@ -38,12 +40,12 @@ def kv_cache_bytes(arch: Architecture, plan) -> int:
     return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * plan.tokens * plan.dtype_bytes
 
 
-def extra_terms(arch: Architecture, plan, logits_bytes: int) -> dict[str, int]:
-    """Terms beyond SFT's, in bytes, by name (empty for sft); `logits_bytes` is the step's loss-head
-    peak (activations.logits_bytes, passed in because activations.py sits above plan.py, which calls here)."""
+def extra_terms(arch: Architecture, plan, loss_head_bytes: Callable) -> dict[str, int]:
+    """Terms beyond SFT's, in bytes, by name (empty for sft); `loss_head_bytes(arch, plan)` is the loss
+    head's peak (activations.logits_bytes, passed in: activations imports plan, which imports this module)."""
     terms = {}
     if plan.reference_forward:
-        terms["reference_forward"] = logits_bytes
+        terms["reference_forward"] = loss_head_bytes(arch, plan)
     if plan.objective == "grpo":
         terms["generation_kv_cache"] = kv_cache_bytes(arch, plan)
     return terms

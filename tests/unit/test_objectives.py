@@ -156,3 +156,16 @@ def test_dpo_after_sft_uses_the_sft_adapter_as_its_frozen_reference(recipe_dict,
     # adapter (were it the base alone, the SFT adapter's changes would show as a non-zero margin).
     assert losses(result.output_dir)[1] == pytest.approx(0.6931, abs=1e-4)
     assert not (result.output_dir / "ref").exists()  # the run saves the trained adapter only
+
+
+def test_grpo_trains_on_its_rewards_and_evaluate_scores_them(grpo_dict):
+    grpo_dict["train"].update(max_steps=2, learning_rate=1e-2, save_steps=100)
+    grpo_dict["data"]["eval_split"] = 0.25
+    result = run_training(recipe_from(grpo_dict, grpo={"beta": 0.05}), show_progress=False)
+    history = json.loads((result.output_dir / "metrics.json").read_text())["log_history"]
+    assert all("rewards/normalized_match/mean" in entry and "kl" in entry for entry in history if "loss" in entry)
+    assert result.metrics["tokens_seen"] > 2 * 4 * 10  # prompts (10 tokens each) and their completions, counted once generated
+    assert (result.output_dir / "objective.png").is_file()
+    report = json.loads(invoke("evaluate", result.output_dir, "--json").output.splitlines()[-1])
+    assert set(report["models"]) == {"base", "adapter"} and report["rows"] == 4
+    assert set(report["models"]["adapter"]["rewards"]) == {"normalized_match"} and "exact_match" in report["models"]["adapter"]
