@@ -191,7 +191,7 @@ def verify(recipe, folder: Path, file_name: str, tokenizer, gguf_type: str, samp
     """The GGUF in `folder`, loaded back, against the merged checkpoint beside it."""
     eval_set = inference.load_eval_set(recipe, tokenizer, samples)
     reference = inference.load_merged_model(folder, recipe)
-    settings = gguf_writer.uncarried_settings(reference.config, gguf_writer.check_architecture(reference.config))
+    settings = gguf_writer.uncarried_settings(reference.config, gguf_writer.ARCHITECTURES[reference.config.get_text_config().model_type][0])
     with alone(folder, file_name) as scratch:
         tokens = tokenizer_round_trip(tokenizer, load_gguf_tokenizer(scratch, file_name), eval_set)
         exported, contradictions = load_gguf_model(scratch, file_name, recipe, reference.config)

@@ -83,19 +83,20 @@ def test_quickstart_run_exports_to_f16_and_q8_0_that_load_back_matching_the_merg
     assert check["logits"]["top1_agreement"] >= 0.99 and check["tokenizer"]["identical"] == check["tokenizer"]["texts"] == 32
     assert check["tokenizer"]["chat_template_equal"] and report["gguf"]["tokenizer"]["pre"] == "smollm"
     assert (both / "model.safetensors").is_file()
-    assert_llama_cpp_agrees(report["gguf"]["llamacpp"], 0.98)
+    assert_llama_cpp_agrees(report["gguf"]["llamacpp"], 0.98, 16)
 
     quantized = tmp_path / "q8_0"
-    result = qlora("merge", demo_run, "--output", quantized, "--dtype", "fp32", "--format", "gguf", "--gguf-type", "q8_0", "--verify-samples", "16")
+    # All 50 eval rows: q8_0 may change one answer in 25 (measured 48/50 equal), which 16 rows cannot tell from a bad file.
+    result = qlora("merge", demo_run, "--output", quantized, "--dtype", "fp32", "--format", "gguf", "--gguf-type", "q8_0", "--verify-samples", "50")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((quantized / "merge_report.json").read_text())
     assert sorted(path.name for path in quantized.iterdir()) == ["merge_report.json", "model-q8_0.gguf"]
     assert report["gguf"]["verification"]["logits"]["top1_agreement"] >= 0.95
     assert report["gguf"]["bytes"] < 0.6 * (both / "model-f16.gguf").stat().st_size
-    assert_llama_cpp_agrees(report["gguf"]["llamacpp"], 0.95)
+    assert_llama_cpp_agrees(report["gguf"]["llamacpp"], 0.95, 50)
 
 
-def assert_llama_cpp_agrees(check: dict, bound: float) -> None:
+def assert_llama_cpp_agrees(check: dict, bound: float, rows: int) -> None:
     """The same files in llama.cpp itself (export/llamacpp_check.py): answers as the merged model's,
     each ending at <|im_end|> by itself through the GGUF's own chat template. Without llama.cpp the
     report says why it did not run (CI must run it)."""
@@ -104,6 +105,6 @@ def assert_llama_cpp_agrees(check: dict, bound: float) -> None:
         assert "setup_llamacpp.sh" in check["skipped"]
         return
     assert check["passed"], check["failures"]
-    assert check["rows"] == 16 and check["template_renders_equal"] == 16 and check["greedy_agreement_answered"] >= bound
-    assert check["stopped"] == check["merged_stopped"] == 16
+    assert check["rows"] == rows and check["template_renders_equal"] == rows and check["greedy_agreement_answered"] >= bound
+    assert check["stopped"] == check["merged_stopped"] == rows
     assert check["tokenization"]["differences"] == [] and check["tokenization"]["texts"] >= 300

@@ -87,3 +87,15 @@ def test_options_llama_cpp_cannot_honour_are_one_line_errors(tiny_run, tmp_path)
     with pytest.raises(ModelError, match=r"not the fully trained \['lm_head'\]"):
         gguf_lora.check_lora({"peft_type": "LORA", "modules_to_save": ["lm_head"]})
     assert not (tmp_path / "a").exists()
+
+
+def test_without_llama_cpp_k_quants_are_refused_and_the_checks_say_they_did_not_run(tiny_run, tmp_path, monkeypatch):
+    from qlora_cli.export import llamacpp_check
+
+    reason = "llama.cpp is not installed here (ImportError: No module named 'llama_cpp'); run scripts/setup_llamacpp.sh"
+    monkeypatch.setattr(llamacpp, "available", lambda: (False, reason))
+    with pytest.raises(ConfigError, match=r"--gguf-type q4_k_m is made by llama.cpp's quantizer: llama.cpp is not installed"):
+        fold.run_merge(tiny_run, tmp_path / "q", formats="gguf", gguf_type="q4_k_m", show_progress=False)
+    assert not (tmp_path / "q").exists()
+    report = llamacpp_check.verify(None, tmp_path, "model-f16.gguf", None, "f16", 8, 1)
+    assert report == {"skipped": reason, "failures": [], "passed": None}
