@@ -77,11 +77,12 @@ def test_every_field_is_written_under_its_schema_description(tmp_path):
         field = _field(key)
         assert field.description and " ".join(comment).startswith(field.description.split(";")[0][:40]), key
     recipe = load_recipe(path)
-    # Every key, but the sections only other adapter methods read (as recipe_to_yaml writes it).
+    # Every key, but the sections only other adapter methods and other objectives read (as recipe_to_yaml writes it).
     from qlora_cli.recipe.adapter_section import method_sections_to_drop
+    from qlora_cli.recipe.objective_section import sections_to_drop
 
     top, unused = method_sections_to_drop(recipe)
-    dropped = tuple(top) + tuple(f"adapter.{name}" for name in unused)
+    dropped = tuple(top) + tuple(sections_to_drop(recipe)) + tuple(f"adapter.{name}" for name in unused)
     assert written == [key for key in valid_keys() if not any(key == d or key.startswith(d + ".") for d in dropped)]
     assert "adapter.bottleneck" not in written and "lora.r" in written
     assert recipe.data.format == "alpaca" and recipe.output.dir == "runs/qwen3-8b-instruct"
