@@ -90,7 +90,7 @@ def test_quickstart_run_exports_to_f16_and_q8_0_that_load_back_matching_the_merg
     result = qlora("merge", demo_run, "--output", quantized, "--dtype", "fp32", "--format", "gguf", "--gguf-type", "q8_0", "--verify-samples", "50")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((quantized / "merge_report.json").read_text())
-    assert sorted(path.name for path in quantized.iterdir()) == ["merge_report.json", "model-q8_0.gguf"]
+    assert sorted(path.name for path in quantized.iterdir()) == ["Modelfile", "merge_report.json", "model-q8_0.gguf"]
     assert report["gguf"]["verification"]["logits"]["top1_agreement"] >= 0.95
     assert report["gguf"]["bytes"] < 0.6 * (both / "model-f16.gguf").stat().st_size
     assert_llama_cpp_agrees(report["gguf"]["llamacpp"], 0.95, 50)
