@@ -28,10 +28,15 @@ def with_eos(ids: list[int], tokenizer) -> list[int]:
     return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
 
 
-def _prompt_completion_ids(prompt: str, completion: str, tokenizer, train_on_prompt: bool) -> tuple[list[int], list[int]]:
-    # Tokenized apart and joined, so the boundary between prompt and response is exact.
+def split_text_ids(prompt: str, completion: str, tokenizer) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids ending with eos), tokenized apart so the boundary between prompt
+    and response is exact (used by prompt_completion and the preference formats)."""
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    completion_ids = with_eos(tokenizer(completion, add_special_tokens=False)["input_ids"], tokenizer)
+    return prompt_ids, with_eos(tokenizer(completion, add_special_tokens=False)["input_ids"], tokenizer)
+
+
+def _prompt_completion_ids(prompt: str, completion: str, tokenizer, train_on_prompt: bool) -> tuple[list[int], list[int]]:
+    prompt_ids, completion_ids = split_text_ids(prompt, completion, tokenizer)
     ids = prompt_ids + completion_ids
     labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids) + completion_ids
     return ids, labels

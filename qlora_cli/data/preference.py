@@ -11,7 +11,7 @@ from __future__ import annotations
 import datasets
 
 from qlora_cli.data.chat import check_messages, render_ids
-from qlora_cli.data.formats import with_eos
+from qlora_cli.data.formats import split_text_ids
 from qlora_cli.errors import DataError
 from qlora_cli.recipe.schema import DataSection
 
@@ -60,8 +60,7 @@ def response_ids(prompt, response, tokenizer, row: int, name: str) -> tuple[list
     if not _is_chat(prompt):
         if _is_chat(response) or isinstance(response, dict):
             raise DataError(f"row {row}: the prompt is text but `{name}` is messages; give both as text or both as messages")
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        return prompt_ids, with_eos(tokenizer(str(response), add_special_tokens=False)["input_ids"], tokenizer)
+        return split_text_ids(prompt, str(response), tokenizer)
     message = response if isinstance(response, (list, dict)) else {"role": "assistant", "content": str(response)}
     message = _response_message(message, row, name)
     check_messages(prompt, f"row {row}")
