@@ -50,7 +50,7 @@ def merge(
         print(json.dumps(report))
     else:
         summary = {"output": str(result.output), "base": f"{base} (trained on {report['trained_on']})", "dtype": dtype,
-                   "parameters": report["parameters"], "files": ", ".join(report["files"])}
+                   "parameters": report["parameters"], "files": ", ".join(report["files"]), "vllm": report["vllm"]}
         if report["update_rounding"] is not None:
             summary["update lost to rounding"] = f"{100 * report['update_rounding']:.1f}% of the adapter's update (norm) in {dtype}"
         out.print(kv_table("qlora merge", summary))

@@ -28,6 +28,7 @@ from qlora_cli.export import gguf_writer
 from qlora_cli.merge import gguf
 from qlora_cli.merge.preflight import DTYPES, REPORT_NAME, check_disk_space, check_vocabulary, parse_formats, preflight
 from qlora_cli.model import loading
+from qlora_cli.model.adapters import vllm_rules
 from qlora_cli.model.quantized import dequantized_weights
 from qlora_cli.recipe.schema import Recipe
 
@@ -185,6 +186,7 @@ def run_merge(
             "update_rounding": rounding,
             "expected_bytes": expected_bytes,
             "formats": list(chosen),
+            "vllm": vllm_rules.summary(rundir.read_adapter_config(run_dir), True, merged=str(output) if "hf" in chosen else None),
         }
         failures: list[str] = []
         gguf_failures: list[str] = []

@@ -19,7 +19,7 @@ from qlora_cli import plots, rundir
 from qlora_cli.atomic import write_text_atomic
 from qlora_cli.data.splits import load_splits
 from qlora_cli.model import adapters, kernels, loading
-from qlora_cli.model.adapters import Adapter
+from qlora_cli.model.adapters import Adapter, vllm_rules
 from qlora_cli.recipe.loader import recipe_to_yaml
 from qlora_cli.recipe.schema import Recipe
 from qlora_cli.train import checkpointing, distributed, objectives, storage, trackers
@@ -95,6 +95,7 @@ def setup(recipe: Recipe, resume_from: Optional[Path], skipped: list[str], force
         "loss_kernel": f"{loss_kernel.name} ({loss_kernel.reason})",
         "compile": "torch.compile" if recipe.train.compile else "off",
         **({"targets": adapter.note} if adapter.note else {}),
+        "vllm": vllm_rules.summary(adapter.saved_config(), adapter.method.why_not_mergeable is None),
         "trainable_params": trainable,
         "total_params": total,
         "train_rows": train_stats.kept,

@@ -44,6 +44,10 @@ def test_16bit_merge_round_trip(tmp_path, tiny_model_dir, use_dora):
     output = tmp_path / "merged"
     result = fold.run_merge(run, output, dtype="fp32", show_progress=False)
     assert result.failures == [] and result.report["update_rounding"] == (None if use_dora else 0.0)
+    # vLLM serves the LoRA adapter itself; a DoRA adapter only through this merged checkpoint.
+    assert result.report["vllm"] == (f"cannot serve the adapter as a LoRA: vLLM does not serve DoRA adapters; serve the merged checkpoint "
+                                     f"instead: vllm serve {output}" if use_dora else
+                                     "serves the adapter: vllm serve BASE --enable-lora --lora-modules NAME=RUN_DIR")
     merged = AutoModelForCausalLM.from_pretrained(output).eval()
     reference = load_model_as_trained(load_recipe(run), run)
     base = loading.load_base_model(load_recipe(run)).eval()

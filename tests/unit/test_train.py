@@ -26,6 +26,7 @@ def test_training_lowers_loss_and_saves_a_peft_adapter(recipe_dict, tiny_model_d
         assert (out / name).is_file(), name
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["r"] == 4 and adapter_config["lora_alpha"] == 8
+    assert result.info["vllm"] == "serves the adapter: vllm serve BASE --enable-lora --lora-modules NAME=RUN_DIR"
     assert {name.rpartition(".")[2] for name in adapter_config["target_modules"]} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     metrics = json.loads((out / "metrics.json").read_text())
     # r * (in + out) per adapted linear: q,o 64->64; k,v 64->32; gate,up 64->128; down 128->64; two layers.

@@ -50,6 +50,12 @@ class Adapter:
         else:  # the trained adapter only, not a frozen reference copy (model.init_adapter under dpo / kto / grpo)
             self.model.save_pretrained(str(folder), safe_serialization=True, selected_adapters=["default"])
 
+    def saved_config(self) -> dict:
+        """The config saved beside the trained weights (peft's adapter_config.json keys, or ours)."""
+        if self.ours:
+            return {"peft_type": self.method.peft_type, **(self.settings or {})}
+        return self.model.peft_config["default"].to_dict()
+
     def load_checkpoint(self, folder: Path) -> None:
         """Put a checkpoint's weights back into our own adapter (peft's are the Trainer's to load)."""
         bottleneck.load_weights(self.model, Path(folder))
