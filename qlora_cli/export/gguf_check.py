@@ -22,7 +22,7 @@ import numpy as np
 from qlora_cli.data.formats import IGNORE_INDEX
 from qlora_cli.errors import ModelError, library_message
 from qlora_cli.evaluate import drift, inference
-from qlora_cli.export import gguf_writer
+from qlora_cli.export import gguf_arch, gguf_writer
 from qlora_cli.model import loading
 
 # The GGUF is judged against the merged checkpoint it was written from, so the only expected
@@ -93,7 +93,7 @@ def apply_file_rope(config, path: Path, reference_config) -> list[str]:
     reader = GGUFReader(path)
     fields = {key: field.contents() for key, field in reader.fields.items()}
     arch = fields["general.architecture"]
-    rope = {"rope_theta": float(fields.get(f"{arch}.rope.freq_base", gguf_writer.rope_parameters(config)["rope_theta"])), "rope_type": "default"}
+    rope = {"rope_theta": float(fields.get(f"{arch}.rope.freq_base", gguf_arch.rope_parameters(config)["rope_theta"])), "rope_type": "default"}
     scaling = fields.get(f"{arch}.rope.scaling.type")
     if scaling in ("linear", "yarn"):
         rope.update(rope_type=scaling, factor=float(fields[f"{arch}.rope.scaling.factor"]))
@@ -102,7 +102,7 @@ def apply_file_rope(config, path: Path, reference_config) -> list[str]:
     problems = []
     frequencies = next((tensor for tensor in reader.tensors if tensor.name == "rope_freqs.weight"), None)
     if frequencies is not None:
-        expected = gguf_writer.rope_parameters(reference_config.get_text_config())
+        expected = gguf_arch.rope_parameters(reference_config.get_text_config())
         if expected["rope_type"] == "llama3" and np.allclose(
                 np.asarray(frequencies.data, dtype=np.float32), gguf_writer.llama3_rope_factors(reference_config.get_text_config(), expected)):
             rope = expected  # the file's per-frequency divisors are exactly these settings'
@@ -116,7 +116,7 @@ def probe_row(eval_set: inference.EvalSet, config) -> dict:
     """One row of the eval rows' own tokens, repeated, longer than the model's sliding window (and
     at least PROBE_TOKENS); its labels score only the positions from the window on."""
     text_config = config.get_text_config()
-    window = gguf_writer.sliding_window(text_config) or 0
+    window = gguf_arch.sliding_window(text_config) or 0
     length = min(text_config.max_position_embeddings, max(PROBE_TOKENS, window + PROBE_TOKENS // 4))
     tokens = [token for row in eval_set.tokenized["input_ids"] for token in row] or [0]
     ids = (tokens * (length // len(tokens) + 1))[:length]
@@ -191,7 +191,7 @@ def verify(recipe, folder: Path, file_name: str, tokenizer, gguf_type: str, samp
     """The GGUF in `folder`, loaded back, against the merged checkpoint beside it."""
     eval_set = inference.load_eval_set(recipe, tokenizer, samples)
     reference = inference.load_merged_model(folder, recipe)
-    settings = gguf_writer.uncarried_settings(reference.config, gguf_writer.ARCHITECTURES[reference.config.get_text_config().model_type][0])
+    settings = gguf_arch.uncarried_settings(reference.config, gguf_arch.ARCHITECTURES[reference.config.get_text_config().model_type][0])
     with alone(folder, file_name) as scratch:
         tokens = tokenizer_round_trip(tokenizer, load_gguf_tokenizer(scratch, file_name), eval_set)
         exported, contradictions = load_gguf_model(scratch, file_name, recipe, reference.config)

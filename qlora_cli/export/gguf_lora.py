@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from qlora_cli.errors import ModelError
-from qlora_cli.export import gguf_writer
+from qlora_cli.export import gguf_arch, gguf_writer
 
 
 def adapter_tensors(run_dir: Path) -> dict:
@@ -51,8 +51,8 @@ def write_lora_gguf(run_dir: Path, adapter_config: dict, base_config, path: Path
     if adapter_config.get("rank_pattern") or adapter_config.get("alpha_pattern"):
         raise ModelError("llama.cpp's LoRA file has one alpha for all layers; this adapter sets per-layer ranks or alphas: use --format gguf")
     config = base_config.get_text_config()
-    arch = gguf_writer.check_architecture(base_config)
-    permute = gguf_writer.ARCHITECTURES[config.model_type][1]
+    arch = gguf_arch.check_architecture(base_config)
+    permute = gguf_arch.ARCHITECTURES[config.model_type][1]
     names = gguf.get_tensor_name_map(next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == arch), config.num_hidden_layers)
     tensors = adapter_tensors(run_dir)
     pairs = {}

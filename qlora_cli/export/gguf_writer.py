@@ -4,9 +4,9 @@ package's writer: architecture metadata under llama.cpp's keys, tensors under ll
 defaults from the generation config. Tensors are converted and written one at a time.
 
 Supported: Llama-family models (Llama 2/3, SmolLM2, Mistral), Mixtral (its experts as llama.cpp's
-stacked `ffn_{gate,up,down}_exps`), Qwen2, Qwen3 and Phi-3 (fused qkv / gate_up as llama.cpp keeps them). A setting that changes
-what the model computes and that llama.cpp would not apply from the file (a sliding window, another
-activation, an unwritten rope setting) refuses the export before anything is written.
+stacked `ffn_{gate,up,down}_exps`), Qwen2, Qwen3, Phi-3 (fused qkv / gate_up as llama.cpp keeps them),
+Gemma 2 and Gemma 3 text models (norms stored as 1 + weight, sliding layers and their rope); what each
+architecture assumes, and the refusals before anything is written, are in gguf_arch.py.
 """
 
 from __future__ import annotations
@@ -20,33 +20,13 @@ import numpy as np
 
 from qlora_cli.errors import ConfigError, ModelError
 from qlora_cli.export import gguf_tokenizer
+from qlora_cli.export.gguf_arch import ARCHITECTURES, NORM_PLUS_ONE, check_architecture, head_dim, rope_parameters, sliding_layers, sliding_rope
 
 WRITTEN_TYPES = ("f16", "bf16", "q8_0")  # written here, tensor by tensor
 QUANTIZED_TYPES = ("q4_k_m", "q5_k_m", "q6_k", "q4_0")  # f16 written here, then llama.cpp's quantizer (export/quantize.py)
 GGUF_TYPES = WRITTEN_TYPES + QUANTIZED_TYPES
 # Bytes per parameter of each type (k-quants: llama.cpp's mix of block types for the _m variants).
 BYTES_PER_PARAMETER = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_k_m": 4.9 / 8, "q5_k_m": 5.7 / 8, "q6_k": 6.6 / 8}
-# transformers model_type -> (llama.cpp architecture, q/k rows permuted for llama.cpp's rope).
-# llama.cpp runs Llama and Mistral with interleaved ("normal") rope, so convert_hf_to_gguf.py
-# reorders the rows of q_proj / k_proj per head; Qwen2 runs NeoX rope on the HF layout as it is.
-ARCHITECTURES = {
-    "llama": ("llama", True), "mistral": ("llama", True), "mixtral": ("llama", True),
-    "qwen2": ("qwen2", False), "qwen3": ("qwen3", False), "phi3": ("phi3", False), "gemma2": ("gemma2", False),
-}
-# Rope variants llama.cpp reads from metadata (plus llama3's per-frequency factors as a tensor),
-# with the settings of each that the file carries; any other setting changes the computation
-# unless it holds the value llama.cpp assumes (ROPE_ASSUMED).
-ROPE_CARRIED = {
-    "default": {"rope_type", "rope_theta"},
-    "linear": {"rope_type", "rope_theta", "factor"},
-    "llama3": {"rope_type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
-    "yarn": {"rope_type", "rope_theta", "factor", "original_max_position_embeddings"},
-}
-ROPE_TYPES = tuple(ROPE_CARRIED)
-ROPE_ASSUMED = {"beta_fast": 32, "beta_slow": 1, "partial_rotary_factor": 1.0, "truncate": True}
-# The MLP activation each llama.cpp graph uses, whatever the file says.
-ACTIVATIONS = ("silu", "swish")
-ARCH_ACTIVATIONS = {"gemma2": ("gelu_pytorch_tanh", "gelu_tanh")}
 
 
 @dataclass(frozen=True)
@@ -65,95 +45,6 @@ def gguf_file_name(gguf_type: str) -> str:
 def check_gguf_type(gguf_type: str) -> None:
     if gguf_type not in GGUF_TYPES:
         raise ConfigError(f"--gguf-type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
-
-
-def check_architecture(config) -> str:
-    """llama.cpp's architecture name for this model config, or a one-line ModelError."""
-    config = config.get_text_config()
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        names = ", ".join(getattr(config, "architectures", None) or [])
-        raise ModelError(
-            f"GGUF export supports {', '.join(ARCHITECTURES)} models; this model is {model_type!r}{f' ({names})' if names else ''}. "
-            "Use --format hf and convert with llama.cpp's convert_hf_to_gguf.py"
-        )
-    rope = rope_parameters(config)
-    if rope.get("rope_type", "default") not in ROPE_TYPES:
-        raise ModelError(f"GGUF export cannot describe rope type {rope['rope_type']!r}; use --format hf")
-    arch = ARCHITECTURES[model_type][0]
-    problems = uncarried_settings(config, arch)
-    if problems:
-        raise ModelError(
-            f"GGUF export: {problems[0]}, so the file would compute something other than the model; "
-            "use --format hf (transformers and vLLM run the checkpoint as it is)"
-        )
-    return arch
-
-
-def sliding_window(config) -> Optional[int]:
-    """The window (in tokens) some layer of the model attends within, when it is shorter than the
-    context (Mistral 7B v0.1: 4096 of 32768; Qwen2 with use_sliding_window), else None."""
-    config = config.get_text_config()
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
-        return None
-    return int(window) if window < config.max_position_embeddings else None
-
-
-def uncarried_settings(config, arch: str) -> list[str]:
-    """Settings that change what the model computes but that llama.cpp's `arch` graph would not
-    apply from this file: each says what it is (empty when the file carries everything)."""
-    config = config.get_text_config()
-    problems = []
-    window = sliding_window(config)
-    if arch == "gemma2":
-        problems += gemma2_settings(config)
-        window = None  # llama.cpp's gemma2 attends within the file's window on every other layer, as Gemma 2 does
-    if window is not None:
-        problems.append(
-            f"this {config.model_type} model attends within a sliding window of {window} tokens (context {config.max_position_embeddings}), "
-            f"which llama.cpp's {arch} architecture does not apply: from token {window + 1} on it attends to every earlier token"
-        )
-    activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
-    expected = ARCH_ACTIVATIONS.get(arch, ACTIVATIONS)
-    if activation not in expected:
-        problems.append(f"this model's MLP activation is {activation!r}, and llama.cpp's {arch} architecture always uses {expected[0]}")
-    rope = rope_parameters(config)
-    carried = ROPE_CARRIED.get(rope["rope_type"], set())
-    for key, value in sorted(rope.items()):
-        if key not in carried and value is not None and ROPE_ASSUMED.get(key) != value:
-            problems.append(f"rope setting {key}={value!r} ({rope['rope_type']}) has no place in llama.cpp's {arch} metadata")
-    return problems
-
-
-def gemma2_settings(config) -> list[str]:
-    """What llama.cpp's gemma2 graph assumes: tied output, the query scale of its model size, and
-    sliding layers alternating from the first (its default pattern)."""
-    problems = []
-    if not getattr(config, "tie_word_embeddings", True):
-        problems.append("this gemma2 model has its own lm_head, and llama.cpp's gemma2 architecture reuses the token embeddings as output")
-    scale = config.query_pre_attn_scalar
-    expected = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 46 else head_dim(config)
-    if scale != expected:
-        problems.append(f"query_pre_attn_scalar={scale}, and llama.cpp's gemma2 architecture scales queries by 1/sqrt({expected})")
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types and any((kind == "sliding_attention") != (index % 2 == 0) for index, kind in enumerate(layer_types)):
-        problems.append("this gemma2 model's sliding layers do not alternate from the first, as llama.cpp's gemma2 architecture assumes")
-    return problems
-
-
-def rope_parameters(config) -> dict:
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope = dict(rope)
-    rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    legacy_name = rope.pop("type", None)  # transformers 4's spelling, still in many configs
-    rope["rope_type"] = rope.get("rope_type") or legacy_name or "default"
-    return rope
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def permute_for_rope(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -209,6 +100,13 @@ def write_architecture(writer, config, arch: str, gguf_type: str, name: str) -> 
         if config.final_logit_softcapping:
             writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
         writer.add_sliding_window(int(config.sliding_window))
+    if arch == "gemma3":
+        if getattr(config, "final_logit_softcapping", None):
+            writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        if any(sliding_layers(config)):
+            writer.add_sliding_window(int(config.sliding_window))
+            writer.add_sliding_window_pattern(sliding_layers(config))
+            writer.add_rope_freq_base_swa(float(sliding_rope(config)["rope_theta"]))
     experts = getattr(config, "num_local_experts", None)
     if experts:
         writer.add_expert_count(int(experts))
@@ -303,8 +201,8 @@ def converted(tensor, plan: TensorPlan, config, permute: bool) -> np.ndarray:
     values = tensor.detach().float().cpu().numpy()
     if plan.rows is not None:
         values = values[..., plan.rows[0]:plan.rows[1], :]
-    if config.model_type == "gemma2" and plan.source.endswith("norm.weight"):
-        values = values + 1.0  # Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's by weight
+    if config.model_type in NORM_PLUS_ONE and plan.source.endswith("norm.weight"):
+        values = values + 1.0
     if permute and plan.source.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
         heads = config.num_attention_heads if "q_proj" in plan.source else (config.num_key_value_heads or config.num_attention_heads)
         values = permute_for_rope(values, heads)

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from qlora_cli.export import gguf_writer, llamacpp
+from qlora_cli.export import gguf_arch, gguf_writer, llamacpp
 
 # Default rows of training data that the importance matrix is measured on (llama-imatrix's
 # usual run is ~100 chunks of 512 tokens; a fine-tune's own rows are the closest to its use).
@@ -28,7 +28,7 @@ def weight_names(model) -> dict[str, str]:
     import gguf
 
     config = model.config.get_text_config()
-    arch = gguf_writer.check_architecture(model.config)
+    arch = gguf_arch.check_architecture(model.config)
     names = gguf.get_tensor_name_map(next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == arch), config.num_hidden_layers)
     found = {}
     for name, module in model.named_modules():

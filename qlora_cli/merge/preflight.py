@@ -14,7 +14,7 @@ import torch
 
 from qlora_cli import rundir
 from qlora_cli.errors import ConfigError, ModelError, ResourceError, library_message
-from qlora_cli.export import gguf_lora, gguf_writer, llamacpp
+from qlora_cli.export import gguf_arch, gguf_lora, gguf_writer, llamacpp
 from qlora_cli.model import loading
 from qlora_cli.model.adapters.registry import check_mergeable
 from qlora_cli.recipe.loader import load_recipe
@@ -188,7 +188,7 @@ def preflight(run_dir: Path, output: Path, base_mode: str, dtype: str, max_shard
     check_base(recipe, run_dir)
     check_output(output, run_dir, recipe, force)
     if "gguf" in formats or "gguf-lora" in formats:
-        gguf_writer.check_architecture(base_config(recipe))
+        gguf_arch.check_architecture(base_config(recipe))
     if "gguf-lora" in formats:
         gguf_lora.check_lora(rundir.read_adapter_config(run_dir))
     tokenizer = load_run_tokenizer(run_dir, recipe)

@@ -247,7 +247,7 @@ def test_refuses_other_architectures_and_bad_options_before_writing(tiny_bpe_run
     gpt2 = tmp_path / "gpt2"
     GPT2Config(n_layer=1, n_embd=16, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(gpt2)
     output = tmp_path / "out"
-    with pytest.raises(ModelError, match=r"supports llama, mistral, mixtral, qwen2, qwen3, phi3, gemma2 models; this model is 'gpt2' \(GPT2LMHeadModel\)"):
+    with pytest.raises(ModelError, match=r"supports llama, mistral, mixtral, qwen2, qwen3, phi3, gemma2, gemma3_text models; this model is 'gpt2' \(GPT2LMHeadModel\)"):
         fold.run_merge(tiny_bpe_run, output, formats="gguf", overrides=[f"model.path={gpt2}"], show_progress=False)
     with pytest.raises(ConfigError, match="--gguf-type 'q3_k'"):
         fold.run_merge(tiny_bpe_run, output, formats="gguf", gguf_type="q3_k", show_progress=False)
