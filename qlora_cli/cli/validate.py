@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import islice
 from pathlib import Path
 from typing import List, Optional
 
@@ -43,7 +44,7 @@ def validate(
         "train": train_stats.summary(),
         "eval": eval_stats.summary() if eval_stats else None,
     }
-    shown = [row_spans(train_set[index], tokenizer) for index in range(min(show, len(train_set)))]
+    shown = [row_spans(row, tokenizer) for row in islice(train_set, show)]  # a Dataset, or the stream (data.streaming)
     if shown:
         summary["rows"] = shown
     if as_json:
@@ -52,7 +53,8 @@ def validate(
     out.print(kv_table("recipe", {k: v for k, v in summary.items() if k not in ("train", "eval", "rows")}))
     for name in ("train", "eval"):
         if summary[name]:
-            out.print(kv_table(f"{name} data", {k: v for k, v in summary[name].items() if k != "mix"}))
+            title = f"{name} data" + (" (a sample of the stream)" if summary[name].get("sample") else "")
+            out.print(kv_table(title, {k: v for k, v in summary[name].items() if k != "mix"}))
     if summary["train"].get("mix"):
         out.print(mix_table(summary["train"]["mix"]))
     for number, row in enumerate(shown, start=1):
@@ -75,7 +77,8 @@ def mix_table(mix: list[dict]) -> Table:
     for source in mix:
         chosen = f"take {source['take']}" if source["take"] else ("all" if source["weight"] is None else f"{source['weight']:g}")
         used = f"{source['used']:,}" + (" (repeats)" if source["repeated"] else "")
-        table.add_row(source["source"], source["format"], f"{source['rows']:,}", chosen, used, f"{100 * source['share']:.1f}%")
+        rows = "streamed" if source["rows"] is None else f"{source['rows']:,}"
+        table.add_row(source["source"], source["format"], rows, chosen, used, f"{100 * source['share']:.1f}%")
     return table
 
 
