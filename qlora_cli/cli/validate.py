@@ -28,6 +28,7 @@ def validate(
     # The wings load torch / transformers: imported when the command runs, so `qlora --help` stays fast.
     from qlora_cli.data.splits import load_splits
     from qlora_cli.evaluate.rewards import check_recipe_rewards
+    from qlora_cli.model.families import family
     from qlora_cli.model.loading import load_tokenizer
 
     config = load_recipe(recipe, set_)
@@ -43,6 +44,7 @@ def validate(
         "format": config.data.format,
         "train": train_stats.summary(),
         "eval": eval_stats.summary() if eval_stats else None,
+        "notes": [note] if (note := family(config.model).note) else [],
     }
     shown = [row_spans(row, tokenizer) for row in islice(train_set, show)]  # a Dataset, or the stream (data.streaming)
     if shown:
@@ -50,7 +52,7 @@ def validate(
     if as_json:
         print(json.dumps(summary))
         return
-    out.print(kv_table("recipe", {k: v for k, v in summary.items() if k not in ("train", "eval", "rows")}))
+    out.print(kv_table("recipe", {k: v for k, v in summary.items() if k not in ("train", "eval", "rows", "notes")}))
     for name in ("train", "eval"):
         if summary[name]:
             title = f"{name} data" + (" (a sample of the stream)" if summary[name].get("sample") else "")
@@ -66,6 +68,8 @@ def validate(
         out.print(text, soft_wrap=True)
     if shown:
         out.rule()
+    for note in summary["notes"]:
+        out.print(f"[yellow]note:[/] {note}", soft_wrap=True)
     out.print("[green]recipe and data are valid[/]")
 
 

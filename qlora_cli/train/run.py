@@ -18,7 +18,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from qlora_cli import plots, rundir
 from qlora_cli.atomic import write_text_atomic
 from qlora_cli.data.splits import load_splits
-from qlora_cli.model import adapters, kernels, loading
+from qlora_cli.model import adapters, families, kernels, loading
 from qlora_cli.model.adapters import Adapter
 from qlora_cli.recipe.loader import recipe_to_yaml
 from qlora_cli.recipe.schema import Recipe
@@ -95,6 +95,7 @@ def setup(recipe: Recipe, resume_from: Optional[Path], skipped: list[str], force
         "loss_kernel": f"{loss_kernel.name} ({loss_kernel.reason})",
         "compile": "torch.compile" if recipe.train.compile else "off",
         **({"targets": adapter.note} if adapter.note else {}),
+        **({"family": untested} if (untested := families.family(recipe.model).note) else {}),
         "trainable_params": trainable,
         "total_params": total,
         "train_rows": f"streamed (statistics: {train_stats.sample})" if train_stats.sample else train_stats.kept,
