@@ -111,7 +111,7 @@ def sample(data: DataSection, tokenizer, seed: int, stream=None):
         _add(stats, own)
     first = list(islice(stream if stream is not None else train_stream(data, tokenizer, seed), SAMPLE_ROWS))
     each = "" if len(found) == 1 else " of each source"
-    stats.sample = f"first {SAMPLE_ROWS:,} rows{each} (streamed: the rest is read while training)"
+    stats.sample = f"first {SAMPLE_ROWS:,} rows{each}"
     if len(found) > 1:
         stats.mix = _mix_report(found, Counter(row["source"] for row in first), len(first))
     rows = datasets.Dataset.from_dict({key: [row[key] for row in first] for key in ("input_ids", "labels", "length")})

@@ -98,7 +98,7 @@ def setup(recipe: Recipe, resume_from: Optional[Path], skipped: list[str], force
         **({"family": untested} if (untested := families.family(recipe.model).note) else {}),
         "trainable_params": trainable,
         "total_params": total,
-        "train_rows": f"streamed (statistics: {train_stats.sample})" if train_stats.sample else train_stats.kept,
+        "train_rows": f"streamed (statistics of the {train_stats.sample})" if train_stats.sample else train_stats.kept,
         "eval_rows": eval_stats.kept if eval_stats else 0,
         "train_tokens": None if train_stats.sample else train_stats.tokens,
         "resumed_from": str(resume_from) if resume_from else None,

@@ -43,7 +43,7 @@ def test_a_streamed_run_trains_max_steps_and_the_loss_falls(recipe_dict, tmp_pat
     result = run_training(recipe_from(recipe_dict), show_progress=False)
     curve = losses(result.output_dir)
     assert max(curve) == 6 and curve[6] < 0.8 * curve[1], curve
-    assert result.info["train_rows"].startswith("streamed (statistics: first 1,000 rows")
+    assert result.info["train_rows"] == "streamed (statistics of the first 1,000 rows)"
     assert result.metrics["eval_loss"] is not None
     assert (result.output_dir / "adapter_model.safetensors").is_file()
 
@@ -107,7 +107,7 @@ def test_validate_on_a_streamed_recipe_reports_a_sample(recipe_dict, tmp_path):
     assert train["rows"] == SAMPLE_ROWS and train["sample"].startswith("first 1,000 rows")
     assert len(json.loads(result.stdout)["rows"]) == 2
     shown = invoke("validate", recipe)
-    assert "train data (a sample of the stream)" in shown.stdout and "first 1,000 rows (streamed" in shown.stdout
+    assert "train data (a sample of the stream)" in shown.stdout and "first 1,000 rows" in shown.stdout
 
 
 def test_a_bad_row_is_named_in_the_sample_before_anything_is_written_and_past_it_while_streaming(recipe_dict, tiny_tokenizer, tmp_path):
@@ -124,3 +124,32 @@ def test_a_bad_row_is_named_in_the_sample_before_anything_is_written_and_past_it
     recipe = recipe_from(recipe_dict, data={"train": str(late)})
     with pytest.raises(DataError, match=rf"data.train: {late} line {SAMPLE_ROWS + 6}: a row must be a JSON object, not str"):
         list(train_stream(recipe.data, tiny_tokenizer, 0))
+
+
+def test_every_kind_of_source_streams_and_a_bad_encoding_is_one_line(recipe_dict, tmp_path):
+    """csv, parquet, a JSON array, a saved dataset folder and a dataset repository with a subset (the
+    hub's code path) are read through datasets' streaming readers; a .jsonl line by line, its encoding
+    checked as it goes."""
+    import datasets
+
+    rows = datasets.Dataset.from_list([{"prompt": f"what topic is {word} ?", "completion": "music"} for word in WORDS[:6]])
+    rows.to_csv(tmp_path / "rows.csv")
+    rows.to_parquet(tmp_path / "rows.parquet")
+    rows.to_json(tmp_path / "rows.json", lines=False)
+    rows.save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "repo" / "en").mkdir(parents=True)
+    rows.to_json(tmp_path / "repo" / "en" / "train.jsonl")
+    (tmp_path / "repo" / "README.md").write_text("---\nconfigs:\n- config_name: en\n  data_files:\n  - split: train\n    path: en/train.jsonl\n---\n")
+    recipe_dict["data"].update(format="prompt_completion")
+    sources = [str(tmp_path / name) for name in ("rows.csv", "rows.parquet", "rows.json", "saved")] + [{"path": str(tmp_path / "repo"), "subset": "en"}]
+    recipe_dict["data"]["train"] = sources
+    result = invoke("validate", write_recipe(tmp_path, streamed(recipe_dict)), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["train"]["rows"] == 5 * 6
+
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "what topic is cat ?", "completion": "music"}\n{"prompt": "caf\xe9", "completion": "music"}\n')
+    recipe_dict["data"]["train"] = str(latin)
+    line = one_line_error(invoke("train", write_recipe(tmp_path, recipe_dict)), 3)
+    assert f"{latin} is not UTF-8: byte 0xE9 at offset 75 (line 2) cannot be decoded (it looks like Latin-1 / Windows-1252)" in line
+    assert not (tmp_path / "run").exists()
