@@ -151,5 +151,6 @@ def test_every_kind_of_source_streams_and_a_bad_encoding_is_one_line(recipe_dict
     latin.write_bytes(b'{"prompt": "what topic is cat ?", "completion": "music"}\n{"prompt": "caf\xe9", "completion": "music"}\n')
     recipe_dict["data"]["train"] = str(latin)
     line = one_line_error(invoke("train", write_recipe(tmp_path, recipe_dict)), 3)
-    assert f"{latin} is not UTF-8: byte 0xE9 at offset 75 (line 2) cannot be decoded (it looks like Latin-1 / Windows-1252)" in line
+    offset = latin.read_bytes().index(b"\xe9")
+    assert f"{latin} is not UTF-8: byte 0xE9 at offset {offset} (line 2) cannot be decoded (it looks like Latin-1 / Windows-1252)" in line
     assert not (tmp_path / "run").exists()
