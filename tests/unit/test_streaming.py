@@ -68,7 +68,7 @@ def test_resume_goes_on_with_the_rows_after_the_checkpoint(recipe_dict, tmp_path
     """Stopped after 2 steps and resumed to 4, the adapter is the one 4 uninterrupted steps give: the
     resumed run skipped the 8 rows it had trained on (reading the stream from its start, it would not be)."""
     rows = write_jsonl(tmp_path / "rows.jsonl", distinct_rows(16))
-    recipe_dict["data"]["train"] = str(rows)
+    recipe_dict["data"].update(train=str(rows), packing=False)  # padded batches (the packed ones: the test above)
     streamed(recipe_dict, max_steps=4, save_steps=2, lr_scheduler="constant", warmup_steps=0)
     straight = write_recipe(tmp_path, {**recipe_dict, "output": {"dir": str(tmp_path / "straight")}}, "straight.yaml")
     assert invoke("train", straight).exit_code == 0
@@ -80,6 +80,11 @@ def test_resume_goes_on_with_the_rows_after_the_checkpoint(recipe_dict, tmp_path
     weights = [load_file(folder / "adapter_model.safetensors") for folder in (tmp_path / "straight", resumed)]
     for name, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][name], tensor)
+    # Without data.eval, evaluation decodes from the first rows of the stream.
+    evaluated = invoke("evaluate", resumed, "--json", "--max-samples", 3, "--max-new-tokens", 1)
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads(evaluated.stdout)
+    assert report["rows"] == 3 and report["held_out"] is False and report["models"]["adapter"]["loss"] < report["models"]["base"]["loss"]
 
 
 @pytest.mark.parametrize("change,expected", [
