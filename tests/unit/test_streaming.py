@@ -159,3 +159,9 @@ def test_every_kind_of_source_streams_and_a_bad_encoding_is_one_line(recipe_dict
     offset = latin.read_bytes().index(b"\xe9")
     assert f"{latin} is not UTF-8: byte 0xE9 at offset {offset} (line 2) cannot be decoded (it looks like Latin-1 / Windows-1252)" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stream_over_several_processes_is_one_line_before_they_start(recipe_dict, tmp_path):
+    line = one_line_error(invoke("train", write_recipe(tmp_path, streamed(recipe_dict)), "--nproc", 2), 2)
+    assert "data.streaming trains in one process; drop --nproc" in line
+    assert not (tmp_path / "run").exists()
