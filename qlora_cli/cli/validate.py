@@ -75,7 +75,9 @@ def validate(
 
 def mix_table(mix: list[dict]) -> Table:
     """The training mix: per source its rows, weight or take, the rows used and their share."""
-    table = Table(title="train mix", title_justify="left")
+    streamed = any(source["rows"] is None for source in mix)  # used / share: the first rows the stream yields
+    title = f"train mix (the first {sum(source['used'] for source in mix):,} rows of the stream)" if streamed else "train mix"
+    table = Table(title=title, title_justify="left")
     for column in ("source", "format", "rows", "weight / take", "used", "share"):
         table.add_column(column, justify="left" if column in ("source", "format") else "right")
     for source in mix:
