@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_multimodal", "phi3", "mixtral", "qwen2_moe")
 MOE_FAMILIES = ("mixtral", "qwen2_moe")
 
 _COMMON = dict(
@@ -47,6 +47,13 @@ def family_config(name: str, vocab_size: int):
         return tf.Gemma2Config(**common, head_dim=16, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096)
     if name == "gemma3":
         return tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=4096)
+    if name == "gemma3_multimodal":
+        # As google/gemma-3-4b-it and larger ship: Gemma3ForConditionalGeneration (model_type gemma3), the
+        # text config nested, a SigLIP vision tower (here one tiny layer) and its projector.
+        text = tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=4096)
+        vision = tf.SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+        return tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=vocab_size - 1,
+                               boi_token_index=vocab_size - 2, eoi_token_index=vocab_size - 3, tie_word_embeddings=False, initializer_range=0.2)
     if name == "phi3":
         # Fused qkv_proj and gate_up_proj, the layout Phi-3 / Phi-4 checkpoints ship.
         return tf.Phi3Config(**common)

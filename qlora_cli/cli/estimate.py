@@ -19,6 +19,7 @@ from qlora_cli.estimate import GIB, Estimate, Gpu, Verdict, estimate, parse_memo
 from qlora_cli.estimate.advice import MIN_USEFUL_SEQ, safety_margin, solve
 from qlora_cli.estimate.catalog import GPUS
 from qlora_cli.estimate.gpu import cards_that_fit
+from qlora_cli.model.tested import untested_note
 from qlora_cli.recipe.loader import apply_overrides, load_recipe, validate_recipe
 
 LABELS = {
@@ -246,6 +247,8 @@ def estimate_command(
     config = _load(recipe, model, overrides + list(set_ or []))
     card = card_from_flags(gpu, gpu_memory)
     result = estimate(resolve(config.model.path), plan_from_recipe(config, processes=nproc))
+    if result.arch.model_type and (note := untested_note(result.arch.model_type)):
+        result = dataclasses.replace(result, notes=(*result.notes, note))
     judged = verdict(result, card) if card else None
     solved = _solve(result, card, solve_for) if solve_for else None
     traced = _trace(config, result) if trace else None

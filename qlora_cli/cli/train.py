@@ -48,7 +48,7 @@ def train(
             err.print(f"[yellow]warning:[/] skipping damaged {note}", soft_wrap=True)
         if info["resumed_from"]:
             err.print(f"resuming from {info['resumed_from']}", soft_wrap=True)
-        shown = {k: v for k, v in info.items() if k not in ("data", "resumed_from", "skipped_checkpoints")}
+        shown = {k: v for k, v in info.items() if k not in ("data", "resumed_from", "skipped_checkpoints") and v is not None}
         shown["trainable_params"] = f"{info['trainable_params']:,} ({100 * info['trainable_params'] / info['total_params']:.2f}% of {info['total_params']:,})"
         del shown["total_params"]
         out.print(kv_table("qlora train", shown))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import islice
 from pathlib import Path
 from typing import List, Optional
 
@@ -27,6 +28,7 @@ def validate(
     # The wings load torch / transformers: imported when the command runs, so `qlora --help` stays fast.
     from qlora_cli.data.splits import load_splits
     from qlora_cli.evaluate.rewards import check_recipe_rewards
+    from qlora_cli.model.families import family
     from qlora_cli.model.loading import load_tokenizer
 
     config = load_recipe(recipe, set_)
@@ -42,17 +44,19 @@ def validate(
         "format": config.data.format,
         "train": train_stats.summary(),
         "eval": eval_stats.summary() if eval_stats else None,
+        "notes": [note] if (note := family(config.model).note) else [],
     }
-    shown = [row_spans(train_set[index], tokenizer) for index in range(min(show, len(train_set)))]
+    shown = [row_spans(row, tokenizer) for row in islice(train_set, show)]  # a Dataset, or the stream (data.streaming)
     if shown:
         summary["rows"] = shown
     if as_json:
         print(json.dumps(summary))
         return
-    out.print(kv_table("recipe", {k: v for k, v in summary.items() if k not in ("train", "eval", "rows")}))
+    out.print(kv_table("recipe", {k: v for k, v in summary.items() if k not in ("train", "eval", "rows", "notes")}))
     for name in ("train", "eval"):
         if summary[name]:
-            out.print(kv_table(f"{name} data", {k: v for k, v in summary[name].items() if k != "mix"}))
+            title = f"{name} data" + (" (a sample of the stream)" if summary[name].get("sample") else "")
+            out.print(kv_table(title, {k: v for k, v in summary[name].items() if k != "mix"}))
     if summary["train"].get("mix"):
         out.print(mix_table(summary["train"]["mix"]))
     for number, row in enumerate(shown, start=1):
@@ -64,18 +68,23 @@ def validate(
         out.print(text, soft_wrap=True)
     if shown:
         out.rule()
+    for note in summary["notes"]:
+        out.print(f"[yellow]note:[/] {note}", soft_wrap=True)
     out.print("[green]recipe and data are valid[/]")
 
 
 def mix_table(mix: list[dict]) -> Table:
     """The training mix: per source its rows, weight or take, the rows used and their share."""
-    table = Table(title="train mix", title_justify="left")
+    streamed = any(source["rows"] is None for source in mix)  # used / share: the first rows the stream yields
+    title = f"train mix (the first {sum(source['used'] for source in mix):,} rows of the stream)" if streamed else "train mix"
+    table = Table(title=title, title_justify="left")
     for column in ("source", "format", "rows", "weight / take", "used", "share"):
         table.add_column(column, justify="left" if column in ("source", "format") else "right")
     for source in mix:
         chosen = f"take {source['take']}" if source["take"] else ("all" if source["weight"] is None else f"{source['weight']:g}")
         used = f"{source['used']:,}" + (" (repeats)" if source["repeated"] else "")
-        table.add_row(source["source"], source["format"], f"{source['rows']:,}", chosen, used, f"{100 * source['share']:.1f}%")
+        rows = "streamed" if source["rows"] is None else f"{source['rows']:,}"
+        table.add_row(source["source"], source["format"], rows, chosen, used, f"{100 * source['share']:.1f}%")
     return table
 
 

@@ -75,6 +75,70 @@ def load_rows(spec: Union[str, list[str]], split: str = "train", key: str = "dat
     return dataset
 
 
+def stream_rows(source: str, split: str = "train", key: str = "data.train", subset: Optional[str] = None) -> Iterator[dict]:
+    """The raw rows of one source, read as they are consumed (data.streaming): a .jsonl file line by
+    line with the same checks as a loaded one (encoding, malformed line, both named with the line),
+    anything else through datasets' streaming readers (a saved folder as an iterable view of it)."""
+    import datasets
+
+    check_sources(source, key)
+    path = Path(source).expanduser()
+    try:
+        if path.is_file() and path.suffix.lower() == ".jsonl":
+            yield from _jsonl_rows(path, key)
+            return
+        if path.is_file():
+            builder = _FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise DataError(f"{key}: {source} has an unsupported extension; use .jsonl, .json, .csv or .parquet")
+            with _quiet(datasets):
+                rows = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
+        elif path.is_dir() and _saved_dataset(path):
+            rows = datasets.load_from_disk(str(path))
+            if isinstance(rows, datasets.DatasetDict):
+                if split not in rows:
+                    raise DataError(f"{key}: {source} has splits {list(rows)}, not {split!r}; set data.split")
+                rows = rows[split]
+            rows = rows.to_iterable_dataset()
+        else:  # a hub dataset, or a dataset repository on disk
+            with _quiet(datasets):
+                rows = datasets.load_dataset(str(path) if path.is_dir() else source, subset, split=split, streaming=True)
+        yield from rows
+    except DataError:
+        raise
+    except Exception as exc:  # datasets raises many types for a bad file; all are the user's data
+        problem = file_problem(path) if path.is_file() else None
+        raise DataError(f"{key}: {problem or f'cannot read {source}: {library_message(exc)}'}") from None
+
+
+def _jsonl_rows(path: Path, key: str) -> Iterator[dict]:
+    """JSON Lines rows one at a time (a UTF-8 BOM allowed), without reading the file ahead: a line
+    that is not UTF-8 or not a JSON object is an error naming its line when the stream reaches it."""
+    if path.stat().st_size == 0:
+        raise DataError(f"{key}: {path} is empty (no rows); add rows or point at another file")
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+        for bom, name in _BOMS:
+            if head.startswith(bom):
+                raise DataError(f"{key}: {path} is {name} text (it starts with a {name} byte-order mark); save it as UTF-8")
+        handle.seek(3 if head.startswith(b"\xef\xbb\xbf") else 0)
+        offset = handle.tell()
+        for number, line in enumerate(handle, start=1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                byte = line[exc.start]
+                guess = " (it looks like Latin-1 / Windows-1252)" if 0x80 <= byte <= 0xFF else ""
+                raise DataError(f"{key}: {path} is not UTF-8: byte 0x{byte:02X} at offset {offset + exc.start} (line {number}) "
+                                f"cannot be decoded{guess}; save it as UTF-8") from None
+            offset += len(line)
+            if not text.strip():
+                continue
+            if problem := _json_error(text):
+                raise DataError(f"{key}: {path} line {number}: {problem}; fix or remove that line")
+            yield json.loads(text)
+
+
 def _saved_dataset(folder: Path) -> bool:
     """A folder written by datasets' save_to_disk (a Dataset or a DatasetDict)."""
     return any((folder / name).is_file() for name in ("dataset_dict.json", "state.json", "dataset_info.json"))
@@ -193,6 +257,21 @@ def check_fields(dataset, data: DataSection, key: str = "data.train") -> None:
         for index, value in enumerate(dataset[column]):
             if value is None or (isinstance(value, str) and not value.strip() and column != data.columns.input):
                 raise DataError(f"{key}: row {index + 1} has no `{column}`; every {data.format} row needs it")
+
+
+def check_row(row: dict, data: DataSection, where: str) -> None:
+    """One row as its format needs it, `where` naming the file and row (the streaming path checks
+    each row as it is read, with the rules check_rows applies to a loaded source)."""
+    for column in required_columns(data):
+        value = row.get(column)
+        if value is None or (isinstance(value, str) and not value.strip() and column != data.columns.input):
+            present = ", ".join(row) or "none"
+            raise DataError(f"{where} has no `{column}` (its fields: {present}); every {data.format} row needs it "
+                            f"(rename it or map it with data.columns.{_column_key(data, column)})")
+    if data.format == "chat":
+        columns = data.columns
+        messages, _, added = conversation(row, columns.messages, columns.tools, columns.system)
+        check_messages(messages, where, added)
 
 
 def check_rows(dataset, data: DataSection, where: str) -> None:

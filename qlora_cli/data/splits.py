@@ -4,102 +4,15 @@ evaluation and merge checks), tokenized with their statistics.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
-from qlora_cli.data import preference
-from qlora_cli.data.formats import IGNORE_INDEX, format_row
+from qlora_cli.data import streaming
+from qlora_cli.data.formats import IGNORE_INDEX
 from qlora_cli.data.mix import Part, draw, is_weighted, load_parts, report, shuffled_order
-from qlora_cli.data.sources import check_fields, check_rows, load_rows
+from qlora_cli.data.sources import check_rows, load_rows
+from qlora_cli.data.tokenized import TokenStats, tokenize_rows
 from qlora_cli.errors import DataError
 from qlora_cli.recipe.schema import DataSection
-
-
-@dataclass
-class TokenStats:
-    rows: int = 0
-    kept: int = 0
-    truncated: int = 0
-    dropped_long: int = 0
-    dropped_unscored: int = 0
-    answers_cut: int = 0  # rows whose trained tokens max_seq_len cut (the end of the answer, or all of it)
-    mix: Optional[list] = None  # per source of a mix: rows, weight, used, share (data/mix.report)
-    tokens: int = 0
-    scored_tokens: int = 0
-    lengths: list[int] = field(default_factory=list)
-
-    def summary(self) -> dict:
-        lengths = sorted(self.lengths) or [0]
-        return {
-            "rows": self.rows,
-            "kept": self.kept,
-            "truncated": self.truncated,
-            "dropped_too_long": self.dropped_long,
-            "dropped_no_scored_tokens": self.dropped_unscored,
-            "answers_cut_by_max_seq_len": self.answers_cut,
-            "tokens": self.tokens,
-            "scored_tokens": self.scored_tokens,
-            "min_len": lengths[0],
-            "mean_len": round(sum(lengths) / len(lengths), 1),
-            "max_len": lengths[-1],
-            **({"mix": self.mix} if self.mix else {}),
-        }
-
-
-def tokenize_rows(dataset, data: DataSection, tokenizer, key: str = "data.train"):
-    """Tokenize every row with its labels; returns (datasets.Dataset, TokenStats).
-
-    Rows longer than max_seq_len are truncated or dropped (data.overlong); rows left with
-    no scored token are dropped. A dataset with nothing left to score is a DataError.
-    """
-    import datasets
-
-    check_fields(dataset, data, key)
-    stats = TokenStats(rows=len(dataset))
-    if data.format in preference.FORMATS:  # pairs / unpaired rows / prompts for the objectives beyond SFT
-        return preference.tokenize_rows(dataset, data, tokenizer, key, stats), stats
-    out = {"input_ids": [], "labels": [], "length": []}
-    longest = 0
-    for index, row in enumerate(dataset):
-        try:
-            ids, labels = format_row(row, data, tokenizer, index)
-        except DataError as exc:
-            message = str(exc)
-            raise DataError(message if message.startswith("row ") and key in message else f"{key}: {message}") from None
-        longest = max(longest, len(ids))
-        if len(ids) > data.max_seq_len:
-            if data.overlong == "drop":
-                stats.dropped_long += 1
-                continue
-            if any(label != IGNORE_INDEX for label in labels[data.max_seq_len:]):
-                stats.answers_cut += 1
-            ids, labels = ids[: data.max_seq_len], labels[: data.max_seq_len]
-            stats.truncated += 1
-        scored = sum(1 for label in labels[1:] if label != IGNORE_INDEX)  # the first token is never predicted
-        if scored == 0:
-            stats.dropped_unscored += 1
-            continue
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["length"].append(len(ids))
-        stats.tokens += len(ids)
-        stats.scored_tokens += scored
-        stats.lengths.append(len(ids))
-    stats.kept = len(out["input_ids"])
-    if stats.kept == 0:
-        if stats.dropped_unscored:
-            raise DataError(
-                f"{key}: every row has all its labels masked (nothing to learn); check the chat template / columns, "
-                "raise data.max_seq_len, or set data.train_on_prompt: true"
-            )
-        raise DataError(f"{key}: every row is longer than data.max_seq_len={data.max_seq_len}; raise it or use overlong: truncate")
-    if stats.answers_cut * 2 > stats.rows:
-        raise DataError(
-            f"{key}: {stats.answers_cut} of {stats.rows} rows lose the end of their answer to data.max_seq_len={data.max_seq_len} "
-            f"(the model would never see the answers end); raise data.max_seq_len (the longest row has {longest} tokens) "
-            "or set data.overlong: drop"
-        )
-    return datasets.Dataset.from_dict(out), stats
 
 
 def checked_rows(spec, data: DataSection, key: str):
@@ -143,7 +56,13 @@ def split_parts(data: DataSection, seed: int) -> tuple[list[Part], Optional[list
 
 def split_rows(data: DataSection, seed: int):
     """The raw (train, held-out or None) rows read with data.format and data.columns: data.eval, or
-    the seeded eval_split of those sources. Evaluation and merge checks decode from them."""
+    the seeded eval_split of those sources. Evaluation and merge checks decode from them. Streamed
+    (data.streaming), the train rows are the first rows of the stream, not all of them."""
+    if data.streaming:
+        train_rows = streaming.first_rows(data)
+        if train_rows is None:
+            raise DataError("no data.train source is in data.format with data.columns, so nothing to evaluate with them; set data.eval")
+        return train_rows, checked_rows(data.eval, data, "data.eval") if data.eval else None
     parts, held_out = split_parts(data, seed)
     alike = [index for index, part in enumerate(parts) if part.section == data]
     if not alike:
@@ -182,7 +101,15 @@ def _mixed(tokenized: list, parts: list[Part], data: DataSection, seed: int):
 
 
 def load_splits(data: DataSection, tokenizer, seed: int):
-    """Tokenized (train, eval or None) datasets and their stats, as the recipe describes."""
+    """Tokenized (train, eval or None) datasets and their stats, as the recipe describes. Streamed
+    (data.streaming), train is a datasets.IterableDataset and its stats describe a sample."""
+    if data.streaming:
+        stream = streaming.train_stream(data, tokenizer, seed)
+        _, train_stats = streaming.sample(data, tokenizer, seed, stream)
+        evaluation, eval_stats = (None, None)
+        if data.eval:
+            evaluation, eval_stats = tokenize_rows(checked_rows(data.eval, data, "data.eval"), data, tokenizer, "data.eval")
+        return stream, evaluation, train_stats, eval_stats
     parts, held_out = split_parts(data, seed)
     tokenized = [tokenize_rows(part.rows, part.section, tokenizer, f"data.train {part.name}") for part in parts]
     train, train_stats = tokenized[0] if len(parts) == 1 else _mixed(tokenized, parts, data, seed)

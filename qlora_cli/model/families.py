@@ -7,18 +7,15 @@ to decide (see `moe_targets`), and the decision is printed at start-up.
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from qlora_cli.errors import ModelError, library_message
+from qlora_cli.model.tested import TESTED, untested_note
 from qlora_cli.recipe.schema import ModelSection
-
-# The families tests/unit/test_families.py trains, evaluates, merges and estimates (tiny models of
-# each, built from their config classes). Others that transformers loads as causal LMs are
-# attempted, and said to be untested at start-up.
-TESTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3", "mixtral", "qwen2_moe")
 
 
 @dataclass(frozen=True)
@@ -32,6 +29,12 @@ class Family:
     @property
     def tested(self) -> bool:
         return self.model_type in TESTED
+
+    @property
+    def note(self) -> Optional[str]:
+        """The start-up note for a family outside the tested ones (others that transformers loads as
+        causal LMs are attempted); None for a tested family."""
+        return untested_note(self.model_type, self.causal_lm or "its own code (trust_remote_code)")
 
 
 def read_config(model: ModelSection):
@@ -137,3 +140,20 @@ def check_moe_targets(model, targets: list[str]) -> None:
                     f"lora.target_modules: `{key}` is a {type(module).__name__} on this mixture-of-experts model, not a linear layer; "
                     f"qlora adapts linear layers only (routed experts and routers stay frozen): choose from {', '.join(_linear_leaves(model))}"
                 )
+
+
+def language_model_targets(model, targets) -> Optional[tuple[str, str]]:
+    """On a multimodal checkpoint loaded for text (Gemma 3 4B and up: Gemma3ForConditionalGeneration,
+    model_type gemma3), lora.target_modules restricted to its language model (a peft regex) and the
+    sentence printed at start-up; None on a text-only model. Rows are text, so the vision tower and
+    the projector stay frozen: all-linear (or a listed name such as q_proj, which the vision tower
+    has too) means the language model's layers only."""
+    inner = getattr(model, "model", None)
+    language = getattr(inner, "language_model", None)
+    if language is None or getattr(inner, "vision_tower", None) is None:
+        return None
+    leaves = _linear_leaves(language) if targets == "all-linear" else list(targets)
+    pattern = rf"(.*\.)?language_model\..*\.({'|'.join(map(re.escape, leaves))})"
+    note = (f"multimodal model: the adapter trains the language model ({', '.join(leaves)}); the vision tower and the "
+            "projector stay frozen (rows are text only)")
+    return pattern, note

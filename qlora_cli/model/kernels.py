@@ -156,12 +156,12 @@ def select_loss_kernel(requested: str, model) -> LossKernel:
         return LossKernel("liger", "Liger fused linear cross-entropy (CUDA)")
     config = _causal_lm(model).config
     capped = f", logits soft-capped at {softcap_of(model):g}" if softcap_of(model) else ""
-    return LossKernel("chunked", f"chunked linear cross-entropy, {chunk_tokens(config.vocab_size)} tokens a chunk{capped}")
+    return LossKernel("chunked", f"chunked linear cross-entropy, {chunk_tokens(config.get_text_config().vocab_size)} tokens a chunk{capped}")
 
 
 def softcap_of(model) -> Optional[float]:
     """The final-logit soft-capping the model's own forward applies (Gemma 2), or None."""
-    return getattr(_causal_lm(_unwrap(model)).config, "final_logit_softcapping", None) or None
+    return getattr(_causal_lm(_unwrap(model)).config.get_text_config(), "final_logit_softcapping", None) or None
 
 
 def fused_causal_lm_loss(model, inputs: dict, kernel: LossKernel, num_items_in_batch=None) -> torch.Tensor:

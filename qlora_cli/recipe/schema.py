@@ -160,6 +160,12 @@ class DataSection(_Section):
         "and attention never crosses rows. Off: rows are padded, batches grouped by length.",
     )
     max_rows: Optional[int] = Field(None, gt=0, description="Use only the first N training rows (for quick trials).")
+    streaming: bool = Field(
+        False,
+        description="Read data.train as training consumes it instead of loading it into memory (files bigger than memory, "
+        "hub datasets); needs train.max_steps. Weighted sources are interleaved by weight; validate and the start-up "
+        "statistics read the first 1,000 rows; eval rows come from data.eval (eval_split cannot hold rows out of a stream).",
+    )
 
     @field_validator("train", "eval")
     @classmethod
@@ -179,6 +185,17 @@ class DataSection(_Section):
             if any(weighted) and not all(w or t for w, t in zip(weighted, taken)):
                 raise ValueError("when one source has a weight, every source needs a weight (or a take)")
         return value
+
+    @model_validator(mode="after")
+    def _streamable(self):
+        if not self.streaming:
+            return self
+        if self.eval_split:
+            raise ValueError("data.eval_split cannot hold rows out of a stream (data.streaming: true); give the held-out rows in data.eval")
+        sources = [item for item in self.train if isinstance(item, SourceSection)] if isinstance(self.train, list) else []
+        if any(s.weight is not None for s in sources) and any(s.take is not None for s in sources):
+            raise ValueError("with data.streaming a weighted mix interleaves every source by its weight; give each source a weight, not a take")
+        return self
 
 
 class TrainSection(_Section):
@@ -272,6 +289,10 @@ class Recipe(_Section):
             raise ValueError("FSDP-QLoRA needs the 4-bit weights stored in the compute dtype: set quantization.quant_storage to auto or bfloat16")
         if self.lora.use_dora and self.quantization.bits == 8:
             raise ValueError("lora.use_dora is not supported with an 8-bit base; use bits 4 or 16")
+        if self.data.streaming and not self.train.max_steps:
+            raise ValueError("data.streaming needs train.max_steps: a stream has no length to count epochs by")
+        if self.data.streaming and self.train.objective != "sft":
+            raise ValueError(f"data.streaming trains objective sft only; set data.streaming: false for {self.train.objective}")
         cross_check(self)
         objective_section.check(self)
         return self

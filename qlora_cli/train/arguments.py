@@ -60,7 +60,7 @@ def training_kwargs(recipe: Recipe, dtype: torch.dtype, has_eval: bool, model=No
         save_total_limit=recipe.output.save_total_limit,
         report_to=[] if train.report_to == ["none"] else list(train.report_to),
         remove_unused_columns=False,
-        train_sampling_strategy="random" if recipe.data.packing else "group_by_length",
+        train_sampling_strategy="random" if recipe.data.packing or recipe.data.streaming else "group_by_length",  # a stream has no sampler
         length_column_name="length",
         disable_tqdm=True,
         dataloader_pin_memory=torch.cuda.is_available(),

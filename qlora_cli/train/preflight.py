@@ -34,6 +34,9 @@ def preflight(
     if recipe.data.eval:
         check_sources(recipe.data.eval, "data.eval")
     objectives.objective(recipe.train.objective).check(recipe)  # e.g. GRPO's rewards, on a dry call
+    if recipe.data.streaming and here.size > 1:
+        # Not built: accelerate would read the stream on rank 0 and split each batch, which packed batches cannot be.
+        raise ConfigError("data.streaming trains in one process; drop --nproc (or the launcher's processes), or set data.streaming: false")
     if recipe.train.eval_steps and not (recipe.data.eval or recipe.data.eval_split):
         raise ConfigError("train.eval_steps needs eval data: set data.eval or data.eval_split")
     output_dir = Path(recipe.output.dir)

@@ -18,7 +18,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from qlora_cli import plots, rundir
 from qlora_cli.atomic import write_text_atomic
 from qlora_cli.data.splits import load_splits
-from qlora_cli.model import adapters, kernels, loading
+from qlora_cli.model import adapters, families, kernels, loading
 from qlora_cli.model.adapters import Adapter, vllm_rules
 from qlora_cli.recipe.loader import recipe_to_yaml
 from qlora_cli.recipe.schema import Recipe
@@ -95,12 +95,13 @@ def setup(recipe: Recipe, resume_from: Optional[Path], skipped: list[str], force
         "loss_kernel": f"{loss_kernel.name} ({loss_kernel.reason})",
         "compile": "torch.compile" if recipe.train.compile else "off",
         **({"targets": adapter.note} if adapter.note else {}),
+        **({"family": untested} if (untested := families.family(recipe.model).note) else {}),
         "vllm": vllm_rules.summary(adapter.saved_config(), adapter.method.why_not_mergeable is None),
         "trainable_params": trainable,
         "total_params": total,
-        "train_rows": train_stats.kept,
+        "train_rows": f"streamed (statistics of the {train_stats.sample})" if train_stats.sample else train_stats.kept,
         "eval_rows": eval_stats.kept if eval_stats else 0,
-        "train_tokens": train_stats.tokens,
+        "train_tokens": None if train_stats.sample else train_stats.tokens,
         "resumed_from": str(resume_from) if resume_from else None,
         "skipped_checkpoints": skipped,
         "data": train_stats.summary(),

@@ -1,7 +1,7 @@
 """Every family we claim, on a tiny random-weight model of it (tests/families.py): `qlora train`
-lowers the loss on a 4-bit and on a 16-bit base, `qlora evaluate` scores the adapter, `qlora merge`
-writes a checkpoint its verification accepts, and the estimate's trainable count is the count the
-trained adapter has. A family transformers cannot train is one line before any weight loads."""
+lowers the loss on a 4-bit and on a 16-bit base, `qlora evaluate` scores the adapter (both), `qlora
+merge` writes a checkpoint its verification accepts (the 4-bit run), and the estimate's trainable
+count is the count the trained adapter has. A family transformers cannot train is one line before any weight loads."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from qlora_cli.estimate.plan import plan_from_recipe
 from qlora_cli.model import families, kernels
 from qlora_cli.train.run import run_training
 from tests.conftest import invoke, losses, one_line_error, recipe_from, write_jsonl, write_recipe
-from tests.families import FAMILIES, MOE_FAMILIES, build_family, save_family
+from tests.families import FAMILIES, MOE_FAMILIES, build_family, family_config, save_family
 from tests.unit.tiny_run import chat_rows
 
 STEPS = 4
@@ -62,6 +62,8 @@ def test_family_trains_4bit_evaluates_merges_and_is_estimated(name, family_dirs,
     assert info["loss_kernel"].startswith("chunked")  # Gemma 2's soft-capping included
     if name in MOE_FAMILIES:  # the all-linear decision, printed at start-up
         assert "routed experts and the router of each layer stay frozen" in info["targets"]
+    if name == "gemma3_multimodal":  # Gemma3ForConditionalGeneration: its language model is trained, on text rows
+        assert "the vision tower and the projector stay frozen" in info["targets"]
 
     # The estimate counts what peft trained (the adapter the run saved).
     assert trainable_params(resolve(str(family_dirs(name))), plan_from_recipe(recipe)) == info["trainable_params"]
@@ -78,13 +80,17 @@ def test_family_trains_4bit_evaluates_merges_and_is_estimated(name, family_dirs,
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_family_trains_16bit_and_merges(name, family_dirs, tmp_path):
+def test_family_trains_16bit_and_evaluates(name, family_dirs, tmp_path):
+    """On a 16-bit base too; merging is checked once per family, on the 4-bit run above (the
+    16-bit merge folds the same adapter into plain weights: nothing the 4-bit one does not show)."""
     result = run_training(recipe_from(family_recipe(family_dirs(name), tmp_path, bits=16)), show_progress=False)
     curve = losses(result.output_dir)
     assert curve[STEPS] < 0.8 * curve[1], curve
-    merged = invoke("merge", result.output_dir, "--output", tmp_path / "merged", "--dtype", "fp32", "--verify-samples", 2, "--json")
-    assert merged.exit_code == 0, merged.output
-    assert json.loads(merged.stdout)["verification"]["merge_exactness"]["top1_agreement"] == 1.0
+    assert result.info["quantization"] == "16-bit"
+    evaluated = invoke("evaluate", result.output_dir, "--json", "--max-samples", 4, "--max-new-tokens", 1)
+    assert evaluated.exit_code == 0, evaluated.output
+    scores = json.loads(evaluated.stdout)["models"]
+    assert scores["adapter"]["loss"] < scores["base"]["loss"]
 
 
 def test_gemma2_chunked_loss_keeps_the_soft_capping(tiny_tokenizer):
@@ -144,3 +150,31 @@ def test_an_unknown_model_type_is_one_line(recipe_dict, tmp_path):
     line = one_line_error(invoke("validate", write_recipe(tmp_path, recipe_dict)), 4)
     assert "model type this transformers does not know" in line and "trust_remote_code" in line
 
+
+
+def test_a_family_outside_the_tested_ones_is_said_to_be_untested_and_still_trains(tiny_tokenizer, tmp_path):
+    """OLMo 2 (a causal LM transformers knows, not among ours): train, validate and estimate each say
+    once what is tested and that it may still work; the run itself goes ahead."""
+    import transformers as tf
+
+    folder = tmp_path / "olmo2"
+    config = tf.Olmo2Config(**{k: v for k, v in family_config("llama", len(tiny_tokenizer)).to_dict().items() if k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+        "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings", "initializer_range")})
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    recipe = family_recipe(folder, tmp_path, bits=16)
+    recipe["train"]["max_steps"] = 1
+    expected = "model_type 'olmo2' is not among the families qlora is tested on (Llama, Mistral"
+
+    result = run_training(recipe_from(recipe), show_progress=False)
+    assert result.info["family"].startswith(expected) and result.info["family"].endswith("it may still work (transformers loads it as Olmo2ForCausalLM)")
+    recipe["output"]["dir"] = str(tmp_path / "second")
+    path = write_recipe(tmp_path, recipe)
+    for command in ("validate", "estimate"):
+        shown = invoke(command, path)
+        assert shown.exit_code == 0, shown.output
+        assert shown.stdout.count("is not among the families qlora is tested on") == 1, shown.stdout
+    assert expected in " ".join(json.loads(invoke("validate", path, "--json").stdout)["notes"])
+    llama = family_recipe(save_family("llama", tmp_path / "llama", tiny_tokenizer), tmp_path, bits=16)
+    assert json.loads(invoke("validate", write_recipe(tmp_path, llama, "llama.yaml"), "--json").stdout)["notes"] == []

@@ -107,6 +107,10 @@ def attach(model, recipe: Recipe) -> Adapter:
         recipe = recipe.model_copy(update={"lora": recipe.lora.model_copy(update={"target_modules": targets})})
     elif method.name == "lora":
         families.check_moe_targets(model, recipe.lora.target_modules)
+    text_only = families.language_model_targets(model, recipe.lora.target_modules) if method.name == "lora" else None
+    if text_only:
+        targets, note = text_only
+        recipe = recipe.model_copy(update={"lora": recipe.lora.model_copy(update={"target_modules": targets})})
     try:
         names = [name for name, _ in model.named_modules()]
         model = get_peft_model(model, method.peft_config(recipe, unfrozen, model.config.model_type, names))
