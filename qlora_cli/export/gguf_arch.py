@@ -39,6 +39,11 @@ ARCH_ACTIVATIONS = {"gemma2": ("gelu_pytorch_tanh", "gelu_tanh"), "gemma3": ("ge
 
 def check_architecture(config) -> str:
     """llama.cpp's architecture name for this model config, or a one-line ModelError."""
+    if getattr(config, "vision_config", None) is not None:
+        raise ModelError(
+            f"GGUF export writes text models; this {config.model_type} model has a vision tower, which llama.cpp keeps in a "
+            "separate mmproj file: use --format hf and llama.cpp's convert_hf_to_gguf.py (with --mmproj for the vision part)"
+        )
     config = config.get_text_config()
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:

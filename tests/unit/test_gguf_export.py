@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qlora_cli.errors import ConfigError, ModelError
-from qlora_cli.export import gguf_check, gguf_tokenizer, gguf_writer
+from qlora_cli.export import gguf_arch, gguf_check, gguf_tokenizer, gguf_writer
 from qlora_cli.merge import fold
 from tests.conftest import WORDS
 from tests.unit.tiny_run import chat_rows, make_run
@@ -254,6 +254,15 @@ def test_refuses_other_architectures_and_bad_options_before_writing(tiny_bpe_run
     with pytest.raises(ConfigError, match="--format 'onnx'"):
         fold.run_merge(tiny_bpe_run, output, formats="onnx", show_progress=False)
     assert not output.exists() and list(tmp_path.glob(".out.*")) == []
+
+
+def test_a_gemma3_with_its_vision_tower_is_refused_in_one_line_and_its_text_model_is_written():
+    from tests.families import family_config
+
+    with pytest.raises(ModelError, match=r"this gemma3 model has a vision tower.*separate mmproj file: use --format hf"):
+        gguf_arch.check_architecture(family_config("gemma3_multimodal", 64))
+    assert gguf_arch.check_architecture(family_config("gemma3", 64).__class__(**{**family_config("gemma3", 64).to_dict(),
+                                                                             "query_pre_attn_scalar": 16})) == "gemma3"
 
 
 def test_pre_tokenizer_is_named_by_behaviour():
