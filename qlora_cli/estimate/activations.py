@@ -26,6 +26,7 @@ only each layer's input (a*T*h) and rebuilds one layer's set at a time during ba
 
 from __future__ import annotations
 
+from qlora_cli.estimate import objectives
 from qlora_cli.estimate.architecture import Architecture
 from qlora_cli.estimate.memory import resolve_targets
 from qlora_cli.estimate.plan import Plan
@@ -210,6 +211,8 @@ def logits_bytes(arch: Architecture, plan: Plan) -> int:
     cross_entropy keeps the fp32 log_softmax; at the start of backward that output, its gradient and
     the gradient of its input coexist: 12 bytes per logit (the bf16 logits and the fp32 copy of the
     forward, a + 4 + 4, are fewer). Gemma 2's logit soft-capping keeps one more a-byte copy."""
+    if plan.trl_head:
+        return objectives.trl_head_bytes(arch, plan)
     if plan.fused_loss and arch.model_type not in UNFUSABLE:
         return fused_loss_bytes(arch, plan)
     per_logit = (plan.loss_bytes_per_logit or LOSS_BYTES_PER_LOGIT) + (plan.dtype_bytes if arch.model_type == "gemma2" else 0)

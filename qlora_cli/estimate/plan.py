@@ -57,6 +57,7 @@ class Plan:
     loss_bytes_per_logit: int = 0
     objective: str = "sft"  # train.objective; estimate/objectives.py sets the fields below
     reference_forward: bool = False  # a no-grad reference forward beside the policy's (dpo, kto, grpo with beta)
+    trl_head: bool = False  # TRL's chunked log-prob head scores the tokens instead of our loss kernel (dpo, grpo)
 
     @property
     def tokens(self) -> int:
