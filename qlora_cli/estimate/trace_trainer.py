@@ -15,7 +15,6 @@ import gc
 import tempfile
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback
 from trl.kernels import chunked_logprob
 
