@@ -30,7 +30,8 @@ DEVICE_TERMS = ("allocator_overhead", "cuda_context")
 
 LITGPT = "LitGPT resource tables (tutorials/resource-tables.md, A100-SXM4-40GB, 10/2023)"
 LITGPT_STACK = ("bf16-true (bf16 LoRA, bf16 AdamW states), r 8 on q,v, micro-batch 1, no checkpointing, longest Alpaca "
-                "row 1304 tokens (the peak row may be shorter), LitGPT's lm_head chunks; peak = max_memory_allocated")
+                "row 1304 tokens (the peak row may be shorter), LitGPT's lm_head chunks; peak = max_memory_allocated; 4-bit rows: "
+                "modelled, bitsandbytes 0.41.1 keeping every 4-bit matmul's input for backward (MatMul4Bit ctx.tensors = (A, B))")
 UNSLOTH_70B = "Unsloth, Llama 3.3 blog / README 'Llama 3.3 (70B) max. context length' (HF + FA2 column)"
 UNSLOTH_8B = "Unsloth README 'Llama 3.1 (8B) max. context length' (HF + FA2 column)"
 # The cards behind the 8B table's "16 GB" and "24 GB" columns: Unsloth's Llama 3.1 blog benchmarks the 8B
@@ -53,6 +54,7 @@ QLORA_PLAN = dict(lora_r=64, seq_len=528, micro_batch=4, packing=False, gradient
                   fused_loss=False, attention="eager", upcast_frozen=True, loss_bytes_per_logit=14)
 LITGPT_PLAN = dict(lora_r=8, target_modules=("q_proj", "v_proj"), seq_len=1304, micro_batch=1, packing=False,
                    gradient_checkpointing=False, optimizer="adamw_torch", fused_loss=False, attention="sdpa")
+LITGPT_4BIT = dict(LITGPT_PLAN, bnb_keeps_input=True)
 HF_PLAN = dict(lora_r=32, lora_dropout=0.0, micro_batch=1, packing=False, gradient_checkpointing=True, optimizer="adamw_8bit",
                fused_loss=False, attention="flash_attention_2", upcast_frozen=True, loss_bytes_per_logit=14)
 
@@ -94,9 +96,10 @@ class Row:
 
 
 ROWS = [
-    Row(LITGPT, "meta-llama/Llama-2-7b-hf", "nf4 + dq", "A100 40GB", 40, LITGPT_PLAN, LITGPT_STACK, peak_gb=13.84),
-    Row(LITGPT, "meta-llama/Llama-2-7b-hf", "nf4", "A100 40GB", 40, {**LITGPT_PLAN, "double_quant": False}, LITGPT_STACK, peak_gb=14.14),
-    Row(LITGPT, "meta-llama/Llama-2-13b-hf", "nf4 + dq", "A100 40GB", 40, LITGPT_PLAN, LITGPT_STACK, peak_gb=22.55),
+    Row(LITGPT, "meta-llama/Llama-2-7b-hf", "nf4 + dq", "A100 40GB", 40, LITGPT_4BIT, LITGPT_STACK, peak_gb=13.84),
+    Row(LITGPT, "meta-llama/Llama-2-7b-hf", "nf4", "A100 40GB", 40, {**LITGPT_4BIT, "double_quant": False}, LITGPT_STACK, peak_gb=14.14),
+    Row(LITGPT, "meta-llama/Llama-2-13b-hf", "nf4 + dq", "A100 40GB", 40, LITGPT_4BIT, LITGPT_STACK, peak_gb=22.55),
+    Row(LITGPT, "meta-llama/Llama-2-13b-hf", "nf4", "A100 40GB", 40, {**LITGPT_4BIT, "double_quant": False}, LITGPT_STACK, peak_gb=23.14),
     Row(LITGPT, "meta-llama/Llama-2-7b-hf", "bf16, micro-batch 1", "A100 40GB", 40, {**LITGPT_PLAN, "bits": 16}, LITGPT_STACK, peak_gb=21.30),
     Row(LITGPT, "meta-llama/Llama-2-7b-hf", "bf16, micro-batch 2", "A100 40GB", 40, {**LITGPT_PLAN, "bits": 16, "micro_batch": 2}, LITGPT_STACK, peak_gb=29.07),
     Row(LITGPT, "meta-llama/Llama-2-7b-hf", "bf16, micro-batch 4", "A100 40GB", 40, {**LITGPT_PLAN, "bits": 16, "micro_batch": 4}, LITGPT_STACK, oom=True),

@@ -20,6 +20,7 @@ weight gets no gradient), so what autograd keeps is:
       S2 = T^2 with packing (one row of T tokens), micro_batch*seq^2 without
   SwiGLU / GeGLU MLP                         3*a*T*i (act input, act output, up)
   8-bit base (bnb MatMul8bitLt keeps its input) a*T*(unique inputs of the quantized linears)
+      (so did 4-bit MatMul4Bit in older bitsandbytes: Plan.bnb_keeps_input, for published runs)
 No checkpointing keeps every layer's set. Non-reentrant checkpointing (HF, per decoder layer) keeps
 only each layer's input (a*T*h) and rebuilds one layer's set at a time during backward.
 """
@@ -93,7 +94,7 @@ def layer_saved_bytes(arch: Architecture, plan: Plan) -> int:
             total += top_k * a * T * (h + i)
     else:
         total += 3 * a * T * i
-    if plan.bits == 8:
+    if plan.bits == 8 or (plan.bits == 4 and plan.bnb_keeps_input):
         inputs = h + arch.q_dim + (0 if arch.experts else h + i)
         total += a * T * inputs
     return total
