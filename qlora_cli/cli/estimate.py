@@ -265,6 +265,8 @@ def estimate_command(
         terms = ", ".join(f"{LABELS.get(k, k)} {v:.3f}" for k, v in traced["terms_gib"].items() if v)
         out.print(f"traced one step ({traced['dtype']}, {traced['device']}): peak {traced['peak_gib']:.3f} GiB of live tensors "
                   f"vs {traced['estimated_gib']:.3f} GiB estimated without the device terms ({traced['error_pct']:+.1f}%); at the peak: {terms}")
+        for note in traced["notes"]:
+            out.print(f"  note: {note}")
     if solved:
         value = solved["value"]
         if value is None:

@@ -98,5 +98,8 @@ def trace_trainer_step(recipe: Recipe) -> Trace:
         raise RuntimeError("the traced step never ran (fewer than 2 steps of data?)")
     at_peak = {term: counter.at_peak.get(term, 0) for term in TERMS}
     notes = [f"{counter.masks} dropout masks counted at 1 byte per element, as CUDA keeps them"] if counter.masks else []
+    # Unlike step.py's worst-case batch, the objective's trainer reads the recipe's data (pairs, prompts, generations).
+    notes.append("traced on the recipe's own rows: rows shorter than data.max_seq_len (or completions shorter than "
+                 "max_completion_len) use less than the estimate's worst case")
     return Trace(counter.peak, at_peak, counter.phase_at_peak, counter.ops, str(ready.dtype).removeprefix("torch."),
                  next(trainer.model.parameters()).device.type, notes, counter.largest_at_peak)
