@@ -10,9 +10,13 @@
   max_completion_len tokens). Generating them holds a KV cache of 2 (K, V) x layers x kv_heads x
   head_dim x tokens x B in the compute dtype, freed before the step's forward; counted as a term
   since it can be the larger peak on short sequences. grpo.beta > 0 adds the reference forward.
-- dpo (not simpo) and grpo: TRL patches the model's forward with its own chunked log-prob head
+- dpo (not simpo), kto and grpo: TRL patches the model's forward with its own chunked log-prob head
   (trl/kernels/chunked_logprob.py, TRL 1.x): our loss kernel is not used, its head is
-  (`trl_head_bytes`; the CPU trace of one real step of each: scripts/estimate_objectives.py).
+  (`trl_head_bytes`; the CPU trace of one real DPO and GRPO step: scripts/estimate_objectives.py).
+  orpo and simpo (TRL's experimental ORPO / CPO trainers) take the model's full logits
+  (`outputs.logits`, then cross-entropy and log-softmax): the standard loss term, whatever
+  train.loss_kernel says (not traced). kto's KL completions run without grad in TRL 1.16; counting
+  them as sequences with gradients (2B) is conservative.
 Pure arithmetic on the recipe; plan.py calls `adjust_plan`, budget.py adds `extra_terms`.
 """
 
@@ -23,7 +27,7 @@ from typing import Callable
 from qlora_cli.estimate.architecture import Architecture
 
 PAIRED = ("dpo", "orpo", "kto")
-TRL_HEAD = ("dpo", "grpo")  # objectives whose TRL trainer scores tokens with its chunked log-prob head
+TRL_HEAD = ("dpo", "kto", "grpo")  # objectives whose TRL trainer scores tokens with its chunked log-prob head
 TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE, trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
 
 
@@ -42,8 +46,10 @@ def adjust_plan(recipe, plan):
     """The plan as the objective's trainer runs it: sequences per micro-batch and their length."""
     objective = recipe.train.objective
     if objective in PAIRED:
+        simpo = objective == "dpo" and recipe.preference.loss_type == "simpo"
         return plan.with_changes(micro_batch=2 * plan.micro_batch, objective=objective,
-                                 trl_head=objective == "dpo" and recipe.preference.loss_type != "simpo",
+                                 trl_head=objective in TRL_HEAD and not simpo,
+                                 fused_loss=plan.fused_loss and objective in TRL_HEAD and not simpo,
                                  reference_forward=objective != "orpo" and recipe.preference.loss_type != "simpo"
                                  and not recipe.preference.precompute_ref_log_probs)
     if objective == "grpo":

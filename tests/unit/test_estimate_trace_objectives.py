@@ -41,3 +41,23 @@ def test_an_objective_step_is_within_five_percent_of_its_estimate(objectives_scr
     assert traced.at_peak["optimizer_states"] == breakdown["optimizer_states"]  # the Trainer's own optimizer, after step 1
     if objective == "grpo":
         assert "generation_kv_cache" in breakdown
+
+
+@pytest.mark.parametrize("objective, data_format, loss_type, head", [
+    ("dpo", "preference", "sigmoid", "trl"),
+    ("kto", "unpaired_preference", "sigmoid", "trl"),
+    ("dpo", "preference", "simpo", "full logits"),
+    ("orpo", "preference", "sigmoid", "full logits"),
+])
+def test_each_objective_is_estimated_with_the_loss_head_its_trainer_uses(recipe_dict, objective, data_format, loss_type, head):
+    """TRL's DPO and KTO trainers score tokens with TRL's chunked head; its ORPO and CPO (SimPO) trainers
+    take the model's full logits, whatever train.loss_kernel says."""
+    from qlora_cli.estimate import activations, objectives
+    from tests.conftest import recipe_from
+
+    recipe = recipe_from(recipe_dict, train={"objective": objective, "loss_kernel": "auto"}, data={"format": data_format},
+                         preference={"loss_type": loss_type})
+    plan = plan_from_recipe(recipe)
+    arch = resolve(recipe.model.path)
+    expected = objectives.trl_head_bytes(arch, plan) if head == "trl" else activations.LOSS_BYTES_PER_LOGIT * plan.tokens * arch.vocab_size
+    assert activations.logits_bytes(arch, plan) == expected
