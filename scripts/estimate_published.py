@@ -30,9 +30,13 @@ DEVICE_TERMS = ("allocator_overhead", "cuda_context")
 
 LITGPT = "LitGPT resource tables (tutorials/resource-tables.md, A100-SXM4-40GB, 10/2023)"
 LITGPT_STACK = ("bf16-true (bf16 LoRA, bf16 AdamW states), r 8 on q,v, micro-batch 1, no checkpointing, longest Alpaca "
-                "row 1304 tokens (the peak row may be shorter), LitGPT's lm_head chunks; peak = max_memory_allocated")
+                "row 1304 tokens (the peak row may be shorter), LitGPT's lm_head chunks; peak = max_memory_allocated; 4-bit rows: "
+                "modelled, bitsandbytes 0.41.1 keeping every 4-bit matmul's input for backward (MatMul4Bit ctx.tensors = (A, B))")
 UNSLOTH_70B = "Unsloth, Llama 3.3 blog / README 'Llama 3.3 (70B) max. context length' (HF + FA2 column)"
 UNSLOTH_8B = "Unsloth README 'Llama 3.1 (8B) max. context length' (HF + FA2 column)"
+# The cards behind the 8B table's "16 GB" and "24 GB" columns: Unsloth's Llama 3.1 blog benchmarks the 8B
+# on "1xL4 24GB" and runs its notebooks on "a free Tesla T4" (16 GB class); their usable MiB from the catalog.
+T4_GIB, L4_GIB = 15360 / 1024, 23034 / 1024
 HF_STACK = ("TRL + peft + FA2, r 32 all-linear, batch 1, rows padded to the length, checkpointing; modelled: peft's "
             "fp32 upcast of embeddings/head/norms (so the residual stream and the checkpointed layer inputs are fp32), "
             "transformers 4.4x's loss (fp32 logits + a shifted fp32 copy: 14 B/logit); not modelled: fp32 norm outputs "
@@ -50,8 +54,26 @@ QLORA_PLAN = dict(lora_r=64, seq_len=528, micro_batch=4, packing=False, gradient
                   fused_loss=False, attention="eager", upcast_frozen=True, loss_bytes_per_logit=14)
 LITGPT_PLAN = dict(lora_r=8, target_modules=("q_proj", "v_proj"), seq_len=1304, micro_batch=1, packing=False,
                    gradient_checkpointing=False, optimizer="adamw_torch", fused_loss=False, attention="sdpa")
+LITGPT_4BIT = dict(LITGPT_PLAN, bnb_keeps_input=True)
 HF_PLAN = dict(lora_r=32, lora_dropout=0.0, micro_batch=1, packing=False, gradient_checkpointing=True, optimizer="adamw_8bit",
                fused_loss=False, attention="flash_attention_2", upcast_frozen=True, loss_bytes_per_logit=14)
+
+
+ANSWERAI = "Answer.AI fsdp_qlora benchmarks_03_2024.md (2x RTX 3090/4090, Llama-2-7B, peak reserved GiB per GPU)"
+ANSWERAI_STACK = ("their train.py: pure bf16 (LoRA weights, gradients and AdamW states bf16: ours fp32), r 64 all linear, dropout 0.1, "
+                  "full-length dummy rows, reentrant checkpointing, sdpa, transformers 4.38 loss (14 B/logit); figure = max_memory_reserved "
+                  "(compared: our total less the CUDA context); loading quantizes on the GPU (low_memory), residue in the pool not modelled")
+ANSWERAI_PLAN = dict(lora_r=64, lora_dropout=0.1, packing=True, gradient_checkpointing=True, optimizer="adamw_torch", fused_loss=False,
+                     attention="sdpa", loss_bytes_per_logit=14, processes=2, strategy="fsdp")
+FMS = ("fms-hf-tuning / fms-acceleration benchmark (scripts/benchmarks/refs/a100_80gb.csv, 02/2025, baseline-peft-bnb, "
+       "A100-80GB, peak_torch_mem_alloc)")
+FMS_STACK = ("SFTTrainer + peft + bnb NF4 (TRL's k-bit preparation: fp32 embeddings/head/norms), r 16 on q,k,v,o, dropout 0.1, packed "
+             "4096, FA2, checkpointing, adamw_torch, transformers 4.4x loss (14 B/logit); Mixtral experts one nn.Linear each (NF4); "
+             "2 GPUs = FSDP")
+FMS_PLAN = dict(lora_r=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), lora_dropout=0.1, seq_len=4096, packing=True,
+                gradient_checkpointing=True, optimizer="adamw_torch", fused_loss=False, attention="flash_attention_2", upcast_frozen=True,
+                loss_bytes_per_logit=14)
+FMS_FSDP = dict(FMS_PLAN, processes=2, strategy="fsdp")
 
 
 @dataclass(frozen=True)
@@ -64,6 +86,8 @@ class Row:
     plan: dict
     stack: str
     peak_gb: Optional[float] = None  # published peak in GB (10^9)
+    peak_gib: Optional[float] = None  # published peak in GiB
+    reserved: bool = False  # the published peak is max_memory_reserved (compared with our total less the CUDA context)
     oom: bool = False
     max_seq: Optional[int] = None  # published largest length that fit the card
     ran: bool = False  # published as running on the card, no figure
@@ -72,9 +96,10 @@ class Row:
 
 
 ROWS = [
-    Row(LITGPT, "meta-llama/Llama-2-7b-hf", "nf4 + dq", "A100 40GB", 40, LITGPT_PLAN, LITGPT_STACK, peak_gb=13.84),
-    Row(LITGPT, "meta-llama/Llama-2-7b-hf", "nf4", "A100 40GB", 40, {**LITGPT_PLAN, "double_quant": False}, LITGPT_STACK, peak_gb=14.14),
-    Row(LITGPT, "meta-llama/Llama-2-13b-hf", "nf4 + dq", "A100 40GB", 40, LITGPT_PLAN, LITGPT_STACK, peak_gb=22.55),
+    Row(LITGPT, "meta-llama/Llama-2-7b-hf", "nf4 + dq", "A100 40GB", 40, LITGPT_4BIT, LITGPT_STACK, peak_gb=13.84),
+    Row(LITGPT, "meta-llama/Llama-2-7b-hf", "nf4", "A100 40GB", 40, {**LITGPT_4BIT, "double_quant": False}, LITGPT_STACK, peak_gb=14.14),
+    Row(LITGPT, "meta-llama/Llama-2-13b-hf", "nf4 + dq", "A100 40GB", 40, LITGPT_4BIT, LITGPT_STACK, peak_gb=22.55),
+    Row(LITGPT, "meta-llama/Llama-2-13b-hf", "nf4", "A100 40GB", 40, {**LITGPT_4BIT, "double_quant": False}, LITGPT_STACK, peak_gb=23.14),
     Row(LITGPT, "meta-llama/Llama-2-7b-hf", "bf16, micro-batch 1", "A100 40GB", 40, {**LITGPT_PLAN, "bits": 16}, LITGPT_STACK, peak_gb=21.30),
     Row(LITGPT, "meta-llama/Llama-2-7b-hf", "bf16, micro-batch 2", "A100 40GB", 40, {**LITGPT_PLAN, "bits": 16, "micro_batch": 2}, LITGPT_STACK, peak_gb=29.07),
     Row(LITGPT, "meta-llama/Llama-2-7b-hf", "bf16, micro-batch 4", "A100 40GB", 40, {**LITGPT_PLAN, "bits": 16, "micro_batch": 4}, LITGPT_STACK, oom=True),
@@ -83,13 +108,35 @@ ROWS = [
     Row(UNSLOTH_70B, "meta-llama/Llama-3.3-70B-Instruct", "QLoRA, any length", "48 GB", 48, {**HF_PLAN, "seq_len": 256}, HF_STACK, oom=True),
     Row(UNSLOTH_70B, "meta-llama/Llama-3.3-70B-Instruct", "QLoRA, largest length", "80 GB", 80, HF_PLAN, HF_STACK, max_seq=6916),
     Row(UNSLOTH_8B, "meta-llama/Llama-3.1-8B-Instruct", "QLoRA, any length", "8 GB", 8, {**HF_PLAN, "seq_len": 256}, HF_STACK, oom=True),
-    Row(UNSLOTH_8B, "meta-llama/Llama-3.1-8B-Instruct", "QLoRA, largest length", "16 GB", 16, HF_PLAN, HF_STACK, max_seq=2551),
-    Row(UNSLOTH_8B, "meta-llama/Llama-3.1-8B-Instruct", "QLoRA, largest length", "24 GB", 24, HF_PLAN, HF_STACK, max_seq=5789),
+    Row(UNSLOTH_8B, "meta-llama/Llama-3.1-8B-Instruct", "QLoRA, largest length", "16 GB (T4: 15 GiB)", T4_GIB, HF_PLAN, HF_STACK,
+        max_seq=2551),
+    Row(UNSLOTH_8B, "meta-llama/Llama-3.1-8B-Instruct", "QLoRA, largest length", "24 GB (L4: 22.5 GiB)", L4_GIB, HF_PLAN, HF_STACK,
+        max_seq=5789),
     Row(UNSLOTH_8B, "meta-llama/Llama-3.1-8B-Instruct", "QLoRA, largest length", "80 GB", 80, HF_PLAN, HF_STACK, max_seq=28454),
     Row(XTUNER, "mistralai/Mixtral-8x7B-Instruct-v0.1", "QLoRA, experts NF4 (per-expert nn.Linear)", "A100 80GB", 80, XTUNER_PLAN,
         XTUNER_STACK, ran=True, expert_layout=PER_EXPERT),
     Row(XTUNER, "mistralai/Mixtral-8x7B-Instruct-v0.1", "QLoRA as installed here (fused 16-bit experts)", "A100 80GB", 80, OURS_PLAN,
         "the same recipe with the installed transformers 5, whose fused experts bitsandbytes leaves 16-bit", expert_layout=FUSED),
+    Row(ANSWERAI, "meta-llama/Llama-2-7b-hf", "QLoRA FSDP x2, batch 1, 512 tokens", "RTX 3090 24GB", 24, {**ANSWERAI_PLAN, "seq_len": 512},
+        ANSWERAI_STACK, peak_gib=4.98, reserved=True),
+    Row(ANSWERAI, "meta-llama/Llama-2-7b-hf", "QLoRA FSDP x2, batch 1, 2048 tokens", "RTX 3090 24GB", 24, {**ANSWERAI_PLAN, "seq_len": 2048},
+        ANSWERAI_STACK, peak_gib=5.21, reserved=True),
+    Row(ANSWERAI, "meta-llama/Llama-2-7b-hf", "QLoRA FSDP x2, batch 4, 2048 tokens", "RTX 3090 24GB", 24,
+        {**ANSWERAI_PLAN, "seq_len": 2048, "micro_batch": 4}, ANSWERAI_STACK, peak_gib=11.22, reserved=True),
+    Row(ANSWERAI, "meta-llama/Llama-2-7b-hf", "QLoRA FSDP x2, batch 10, 2048 tokens", "RTX 3090 24GB", 24,
+        {**ANSWERAI_PLAN, "seq_len": 2048, "micro_batch": 10}, ANSWERAI_STACK, peak_gib=20.97, reserved=True),
+    Row(ANSWERAI, "meta-llama/Llama-2-7b-hf", "LoRA (bf16 base) FSDP x2, batch 6, 2048 tokens", "RTX 3090 24GB", 24,
+        {**ANSWERAI_PLAN, "bits": 16, "seq_len": 2048, "micro_batch": 6}, ANSWERAI_STACK, peak_gib=21.35, reserved=True),
+    Row(FMS, "mistralai/Mistral-7B-v0.1", "QLoRA, micro-batch 4", "A100 80GB", 80, {**FMS_PLAN, "micro_batch": 4}, FMS_STACK, peak_gb=20.669),
+    Row(FMS, "mistralai/Mistral-7B-v0.1", "QLoRA, micro-batch 8", "A100 80GB", 80, {**FMS_PLAN, "micro_batch": 8}, FMS_STACK, peak_gb=37.003),
+    Row(FMS, "mistralai/Mixtral-8x7B-Instruct-v0.1", "QLoRA (NF4 experts), micro-batch 4", "A100 80GB", 80, {**FMS_PLAN, "micro_batch": 4},
+        FMS_STACK, peak_gb=42.794, expert_layout=PER_EXPERT),
+    Row(FMS, "mistralai/Mixtral-8x7B-Instruct-v0.1", "QLoRA (NF4 experts), micro-batch 8", "A100 80GB", 80, {**FMS_PLAN, "micro_batch": 8},
+        FMS_STACK, peak_gb=60.546, expert_layout=PER_EXPERT),
+    Row(FMS, "meta-llama/Llama-2-70b-hf", "QLoRA, micro-batch 4", "A100 80GB", 80, {**FMS_PLAN, "micro_batch": 4}, FMS_STACK, oom=True),
+    Row(FMS, "meta-llama/Llama-2-70b-hf", "QLoRA FSDP x2, micro-batch 2", "A100 80GB", 80, {**FMS_FSDP, "micro_batch": 2}, FMS_STACK,
+        peak_gb=46.685),
+    Row(FMS, "meta-llama/Llama-2-70b-hf", "QLoRA FSDP x2, micro-batch 4", "A100 80GB", 80, {**FMS_FSDP, "micro_batch": 4}, FMS_STACK, oom=True),
     Row(QLORA_PAPER, "huggyllama/llama-65b", "Guanaco-65B QLoRA", "48 GB", 48, QLORA_PLAN, QLORA_STACK, ran=True, upper_bound=True),
 ]
 
@@ -109,6 +156,9 @@ def evaluate(row: Row) -> dict:
     out = {"row": row, "total": result.total, "pageable": result.pageable, "allocated": allocated, "state": state_of(result.total, card), "problems": []}
     if row.peak_gb is not None:
         out["error"] = allocated / (row.peak_gb * 1e9) - 1
+    if row.peak_gib is not None:
+        compared = result.total - result.breakdown["cuda_context"] if row.reserved else allocated
+        out["compared"], out["error"] = compared, compared / (row.peak_gib * GIB) - 1
     if row.oom and out["state"] == FITS:
         out["problems"].append("an OOM run is called fits")
     if row.ran and not row.upper_bound and out["state"] == "does not fit":
@@ -124,6 +174,8 @@ def published(r: dict) -> str:
     row = r["row"]
     if row.peak_gb is not None:
         return f"{row.peak_gb:.2f} GB peak"
+    if row.peak_gib is not None:
+        return f"{row.peak_gib:.2f} GiB peak {'reserved' if row.reserved else 'allocated'}"
     if row.oom:
         return "OOM"
     if row.ran:
@@ -135,6 +187,9 @@ def ours(r: dict) -> str:
     row = r["row"]
     if row.peak_gb is not None:
         return f"{r['allocated'] / 1e9:.2f} GB allocated ({100 * r['error']:+.0f}%), {r['state']} (total {r['total'] / GIB:.1f} GiB)"
+    if row.peak_gib is not None:
+        what = "reserved (total less context)" if row.reserved else "allocated"
+        return f"{r['compared'] / GIB:.2f} GiB {what} ({100 * r['error']:+.0f}%), {r['state']} (total {r['total'] / GIB:.1f} GiB)"
     if row.max_seq is not None:
         if not r["solved"]:
             return "does not fit at any length >= 256"

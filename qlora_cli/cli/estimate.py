@@ -138,8 +138,10 @@ def _trace(config, result: Estimate) -> dict:
     """One real step traced here, against the estimate without its device terms in the trace's dtype."""
     # The tracer loads torch and the model: imported when the command runs with --trace, so the estimate stays fast.
     from qlora_cli.estimate.trace import trace_step
+    from qlora_cli.estimate.trace_trainer import trace_trainer_step
 
-    traced = trace_step(config)
+    # SFT: step.py's step (our loss kernel); other objectives: their TRL trainer's own step (generation, reference forward)
+    traced = trace_step(config) if config.train.objective == "sft" else trace_trainer_step(config)
     plan = result.plan.with_changes(dtype_bytes=4 if traced.dtype == "float32" else 2)
     same = estimate(result.arch, plan).breakdown
     allocated = sum(v for k, v in same.items() if k not in ("allocator_overhead", "cuda_context"))
@@ -266,6 +268,8 @@ def estimate_command(
         terms = ", ".join(f"{LABELS.get(k, k)} {v:.3f}" for k, v in traced["terms_gib"].items() if v)
         out.print(f"traced one step ({traced['dtype']}, {traced['device']}): peak {traced['peak_gib']:.3f} GiB of live tensors "
                   f"vs {traced['estimated_gib']:.3f} GiB estimated without the device terms ({traced['error_pct']:+.1f}%); at the peak: {terms}")
+        for note in traced["notes"]:
+            out.print(f"  note: {note}")
     if solved:
         value = solved["value"]
         if value is None:

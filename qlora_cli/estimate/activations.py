@@ -20,12 +20,14 @@ weight gets no gradient), so what autograd keeps is:
       S2 = T^2 with packing (one row of T tokens), micro_batch*seq^2 without
   SwiGLU / GeGLU MLP                         3*a*T*i (act input, act output, up)
   8-bit base (bnb MatMul8bitLt keeps its input) a*T*(unique inputs of the quantized linears)
+      (so did 4-bit MatMul4Bit in older bitsandbytes: Plan.bnb_keeps_input, for published runs)
 No checkpointing keeps every layer's set. Non-reentrant checkpointing (HF, per decoder layer) keeps
 only each layer's input (a*T*h) and rebuilds one layer's set at a time during backward.
 """
 
 from __future__ import annotations
 
+from qlora_cli.estimate import objectives
 from qlora_cli.estimate.architecture import Architecture
 from qlora_cli.estimate.memory import resolve_targets
 from qlora_cli.estimate.plan import Plan
@@ -77,17 +79,22 @@ def layer_saved_bytes(arch: Architecture, plan: Plan) -> int:
     mask_byte = 1 if plan.lora_dropout > 0 else 0
     for in_features, out_features in lora:
         total += T * in_features * (a + mask_byte) + T * plan.lora_r * a + a * plan.lora_r * (in_features + out_features)
-        if plan.use_dora:  # DoRA rescales base and LoRA outputs (fp32, peft's adapter dtype): both kept for the magnitude gradient
-            total += 2 * 4 * T * out_features
+        if plan.use_dora:  # DoRA scales the base and LoRA outputs (compute dtype) by its fp32 magnitude: both kept for its gradient
+            total += 2 * a * T * out_features
     total += attention_saved_bytes(arch, plan)
-    if arch.experts:  # top-k experts per token, each a SwiGLU on its tokens, plus the routing weights
+    if arch.experts:  # top-k experts per token, each a SwiGLU on its tokens, plus the routing
         top_k = arch.experts_per_token
-        total += top_k * (3 * a * T * i + a * T * h) + 8 * T * arch.router_experts
+        total += top_k * (3 * a * T * i + a * T * h)
+        # fp32 router softmax (T x experts) and, per routed token, its int64 indices (as routed, sorted
+        # and gathered), fp32 weight and its broadcast: ~40 bytes (the trace of tiny Mixtral: 100 B/token)
+        total += 4 * T * arch.router_experts + 40 * T * top_k
+        if arch.shared_expert_size:  # Qwen2-MoE: a dense SwiGLU beside the experts, scaled by sigmoid(gate(x))
+            total += 3 * a * T * arch.shared_expert_size + a * T * h + a * T
         if experts_adapted:
             total += top_k * a * T * (h + i)
     else:
         total += 3 * a * T * i
-    if plan.bits == 8:
+    if plan.bits == 8 or (plan.bits == 4 and plan.bnb_keeps_input):
         inputs = h + arch.q_dim + (0 if arch.experts else h + i)
         total += a * T * inputs
     return total
@@ -143,14 +150,30 @@ def largest_dequantized_weight(arch: Architecture, plan: Plan) -> int:
     return max(l.in_features * l.out_features for l in arch.linears) * plan.dtype_bytes
 
 
+def lora_input_gradient_bytes(arch: Architecture, plan: Plan) -> int:
+    """The gradient of a LoRA layer's input on its way back through peft's casts, for the widest
+    adapted input (down_proj's, the MLP width): lora_A's bf16 input gradient becomes fp32 (autocast's
+    copy of the fp32 input), dropout's backward multiplies it by the mask into a second fp32 tensor,
+    which then goes back to the compute dtype: 4 + 4 bytes per element alive at once with dropout,
+    4 + a without (the CPU trace of the padded micro-batch-4 row shows both fp32 T x i tensors)."""
+    if plan.method != "lora":
+        return 0
+    linears, _, _ = resolve_targets(arch, plan.target_modules)
+    widest = max((l.in_features for l in linears), default=0)
+    per_element = 8 if plan.lora_dropout > 0 else 4 + plan.dtype_bytes
+    return per_element * plan.tokens * widest
+
+
 def backward_working_bytes(arch: Architecture, plan: Plan) -> int:
     """Gradients in flight while one layer runs backward: the residual-stream gradient and the branch
-    gradient (2*a*T*h), two MLP-width gradients (2*a*T*i), the attention-score gradient for eager,
-    and the dequantized weight."""
+    gradient (2*a*T*h), then the larger of two moments: the MLP's (two MLP-width gradients, 2*a*T*i,
+    beside the LoRA branch's fp32 gradient of down_proj's input, lora_input_gradient_bytes) or, for
+    eager attention, the attention scores' (the softmax's output gradient upcast to fp32 and its
+    input gradient, less the freed copy); plus the dequantized weight and DoRA's transients."""
     a, T = plan.dtype_bytes, plan.tokens
-    working = 2 * residual_bytes(plan) * T * arch.hidden_size + 2 * a * T * arch.intermediate_size
-    if plan.attention == "eager":  # the softmax's output gradient upcast to fp32 and its input gradient, less the freed copy
-        working += (8 - plan.dtype_bytes) * arch.num_heads * _scores_area(plan)
+    mlp = 2 * a * T * arch.intermediate_size + lora_input_gradient_bytes(arch, plan)
+    scores = (8 - a) * arch.num_heads * _scores_area(plan) if plan.attention == "eager" else 0
+    working = 2 * residual_bytes(plan) * T * arch.hidden_size + max(mlp, scores)
     return working + largest_dequantized_weight(arch, plan) + dora_weight_bytes(arch, plan)
 
 
@@ -161,19 +184,27 @@ def dora_weight_bytes(arch: Architecture, plan: Plan) -> int:
     if not plan.use_dora or plan.method != "lora":
         return 0
     linears, _, _ = resolve_targets(arch, plan.target_modules)
-    return max((4 * (3 * l.in_features * l.out_features + l.in_features**2) for l in linears), default=0)
+    weights = max((4 * (3 * l.in_features * l.out_features + l.in_features**2) for l in linears), default=0)
+    # backward through its fp32 result (magnitude x (base + scaled LoRA)): the fp32 gradient of the
+    # result and one product at a time, for the widest output
+    gradients = 2 * 4 * plan.tokens * max((l.out_features for l in linears), default=0)
+    return weights + gradients
 
 
 CHUNK_LOGIT_BYTES = 256 * 2**20  # = qlora_cli.kernels.CHUNK_LOGIT_BYTES (that module imports torch)
-UNFUSABLE = {"gemma2", "cohere", "cohere2"}  # soft-capped (Gemma 2; not Gemma 3) or scaled logits: standard loss
+UNFUSABLE = {"cohere", "cohere2"}  # scaled logits (kernels.unsupported_reason): the standard loss
+SOFT_CAPPED = {"gemma2"}  # final_logit_softcapping: the chunked kernel caps each chunk (kernels._chunked_cross_entropy)
 
 
 def fused_loss_bytes(arch: Architecture, plan: Plan) -> int:
     """Peak of the chunked linear cross-entropy (kernels.LinearCrossEntropy): one chunk's fp32
     logits, turned into their gradient in place, plus its copy in the compute dtype, the final
-    hidden states it reads and the gradient it hands to backward (2*a*T*h)."""
+    hidden states it reads and the gradient it hands to backward (2*a*T*h). Soft-capping (Gemma 2)
+    holds four fp32 chunks at once instead: the logits, tanh(logits / cap), its square and the slope
+    1 - tanh^2 kept for the gradient."""
     chunk = min(plan.tokens, max(64, CHUNK_LOGIT_BYTES // (4 * arch.vocab_size)))
-    return chunk * arch.vocab_size * (4 + plan.dtype_bytes) + 2 * residual_bytes(plan) * plan.tokens * arch.hidden_size
+    per_logit = 16 if arch.model_type in SOFT_CAPPED else 4 + plan.dtype_bytes
+    return chunk * arch.vocab_size * per_logit + 2 * residual_bytes(plan) * plan.tokens * arch.hidden_size
 
 
 def logits_bytes(arch: Architecture, plan: Plan) -> int:
@@ -181,6 +212,8 @@ def logits_bytes(arch: Architecture, plan: Plan) -> int:
     cross_entropy keeps the fp32 log_softmax; at the start of backward that output, its gradient and
     the gradient of its input coexist: 12 bytes per logit (the bf16 logits and the fp32 copy of the
     forward, a + 4 + 4, are fewer). Gemma 2's logit soft-capping keeps one more a-byte copy."""
+    if plan.trl_head:
+        return objectives.trl_head_bytes(arch, plan)
     if plan.fused_loss and arch.model_type not in UNFUSABLE:
         return fused_loss_bytes(arch, plan)
     per_logit = (plan.loss_bytes_per_logit or LOSS_BYTES_PER_LOGIT) + (plan.dtype_bytes if arch.model_type == "gemma2" else 0)
@@ -207,10 +240,11 @@ def activation_parts(arch: Architecture, plan: Plan) -> dict[str, int]:
     persistent += shared_saved_bytes(arch, plan)
     logits = logits_bytes(arch, plan)
     forward_mask = 0 if plan.gradient_checkpointing else attention_mask_bytes(plan)  # the forward's own peak
+    final_norm = 4 * T * (arch.hidden_size + 1)  # kept for the loss moment, freed before any layer's backward
     return {
         "kept until backward": persistent,
         "one layer's backward": layer_peak,
         "loss peak": logits,
         "one layer saved": per_layer,
-        "total": persistent + max(0, layer_peak - logits, forward_mask - logits),
+        "total": persistent + max(0, layer_peak - final_norm - logits, forward_mask - logits),
     }

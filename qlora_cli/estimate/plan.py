@@ -55,8 +55,12 @@ class Plan:
     # bf16 logits + fp32 copy + shifted fp32 copy + fp32 log_softmax alive at once, 14 B per logit
     # against our 12 (transformers 5 shifts the labels instead). 0 = our stack.
     loss_bytes_per_logit: int = 0
+    # bitsandbytes before the release installed here kept each 4-bit matmul's input for backward
+    # (MatMul4Bit: ctx.tensors = (A, B) in 0.41; the installed 0.50 keeps (None, B)), as 8-bit still does.
+    bnb_keeps_input: bool = False
     objective: str = "sft"  # train.objective; estimate/objectives.py sets the fields below
     reference_forward: bool = False  # a no-grad reference forward beside the policy's (dpo, kto, grpo with beta)
+    trl_head: bool = False  # TRL's chunked log-prob head scores the tokens instead of our loss kernel (dpo, grpo)
 
     @property
     def tokens(self) -> int:

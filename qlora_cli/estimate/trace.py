@@ -34,6 +34,7 @@ from qlora_cli.estimate.step import StepParts, build_step_parts, random_batch, t
 from qlora_cli.recipe.schema import Recipe
 
 # Trace terms, in the order the estimate prints its own (budget.py).
+CPU_ONLY = "cpu_only"  # the phase of work whose temporaries exist on CPU only: not counted
 TERMS = ("base_weights", "adapter_weights", "gradients", "optimizer_states", "activations", "backward_working",
          "logits_and_loss", "optimizer_step")
 
@@ -77,6 +78,8 @@ class LiveBytes(TorchDispatchMode):
         self.masks = 0
 
     def add(self, tensor: torch.Tensor, term: str, bytes_: int | None = None, op: str = "resident") -> None:
+        if term == CPU_ONLY:
+            return  # made by a CPU fallback of what CUDA computes in place (trace_trainer.py)
         storage = tensor.untyped_storage()
         key = storage._cdata
         known = self.storages.get(key)
@@ -140,7 +143,7 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def _resident_tensors(parts: StepParts):
+def resident_tensors(parts: StepParts):
     """(tensor, term) for everything alive before the step: weights, quantization constants,
     buffers, the adapter, the optimizer states."""
     model = parts.model
@@ -187,7 +190,7 @@ def trace_step(recipe: Recipe, parts: StepParts | None = None) -> Trace:
     batch = random_batch(recipe, parts.vocab_size, generator)
     gc.collect()
     counter = LiveBytes()
-    for tensor, term in _resident_tensors(parts):
+    for tensor, term in resident_tensors(parts):
         counter.add(tensor, term)
     handles = _loss_phase_hooks(parts.model, counter)
     trainable = [p for p in parts.model.parameters() if p.requires_grad]

@@ -4,6 +4,7 @@ tables, advice, one-line errors with non-zero exits, and no torch import on the 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,7 @@ def test_the_estimate_path_imports_neither_torch_nor_transformers():
         "assert r.exit_code == 0, r.output; "
         "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'peft', 'bitsandbytes') if m in sys.modules))"
     )
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(ROOT), timeout=60)
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "QLORA_OFFLINE": "1"}  # a hub id from the shipped catalog, no network
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(ROOT), timeout=60, env=offline)
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == "[]"

@@ -84,9 +84,13 @@ def test_fused_loss_holds_one_chunk_of_logits():
     fused = logits_bytes(arch, Plan(seq_len=2048, micro_batch=2))
     assert fused == chunk * 128256 * (4 + 2) + 2 * 2 * 4096 * 4096  # + the final hidden states it reads and their gradient
     assert fused < logits_bytes(arch, Plan(seq_len=2048, micro_batch=2, fused_loss=False)) / 10
-    # Gemma 2 soft-caps its logits: the trainer falls back to the standard loss, so does the estimate.
+    # Gemma 2 soft-caps its logits inside the chunked kernel: four fp32 chunks (logits, tanh, its
+    # square, the slope) instead of one fp32 chunk and its bf16 copy, still far below the full logits.
     gemma = resolve("google/gemma-2-9b")
-    assert logits_bytes(gemma, Plan(seq_len=1024)) == logits_bytes(gemma, Plan(seq_len=1024, fused_loss=False))
+    gemma_chunk = chunk_tokens(gemma.vocab_size)
+    capped = logits_bytes(gemma, Plan(seq_len=1024))
+    assert capped == gemma_chunk * gemma.vocab_size * 16 + 2 * 2 * 1024 * gemma.hidden_size
+    assert capped < logits_bytes(gemma, Plan(seq_len=1024, fused_loss=False)) / 3
 
 
 def test_total_grows_with_batch_and_sequence():
