@@ -99,3 +99,42 @@ def test_without_llama_cpp_k_quants_are_refused_and_the_checks_say_they_did_not_
     assert not (tmp_path / "q").exists()
     report = llamacpp_check.verify(None, tmp_path, "model-f16.gguf", None, "f16", 8, 1)
     assert report == {"skipped": reason, "failures": [], "passed": None}
+
+
+def test_the_importance_matrix_makes_llama_cpp_round_the_weights_that_matter_finer(tmp_path, llamacpp_runtime):  # noqa: F811
+    """What `--imatrix` is for, measured on the weights: each tensor's quantization error weighted by its
+    input columns' mean squared activation (the error the layer's output sees). Given our matrix, llama.cpp's
+    quantizer lowers it against plain rounding on every tensor whose type uses a matrix (q8_0 ignores it),
+    and against the same matrix with its columns reversed (what a matrix of the wrong tensor or layout
+    would be) on nearly every one: measured 11 of 12 here; on the demo run (q4_k_m, 128 training rows)
+    196 of 210 tensors, by 35% on average against plain rounding."""
+    import numpy as np
+    import torch
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from qlora_cli.export import gguf_writer, quantize
+
+    tokenizer = build_tiny_bpe_tokenizer("gpt-2")
+    model = build_tiny_model("llama", len(tokenizer))
+    source = tmp_path / "f16.gguf"
+    gguf_writer.write_gguf(model, tokenizer, source, "f16", "tiny")
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, len(tokenizer), (24,), generator=generator).tolist() for _ in range(8)]
+    imatrix = quantize.importance_matrix(model, rows)
+    variants = {"plain": None, "ours": imatrix, "reversed": {name: values[::-1].copy() for name, values in imatrix.items()}}
+    for variant, matrix in variants.items():
+        llamacpp.quantize(source, tmp_path / f"{variant}.gguf", "q4_k_m", matrix)
+    tensors = {variant: {tensor.name: tensor for tensor in GGUFReader(tmp_path / f"{variant}.gguf").tensors} for variant in ("f16", *variants)}
+
+    def error(variant, name):
+        exact = dequantize(tensors["f16"][name].data, tensors["f16"][name].tensor_type).astype(np.float64)
+        found = tensors[variant][name]
+        return float((((exact - dequantize(found.data, found.tensor_type)) ** 2) * imatrix[name]).sum())
+
+    assert len(imatrix) == 15  # 2 layers x 7 linear layers + output.weight
+    guided = [name for name in imatrix if tensors["ours"][name].tensor_type.name != "Q8_0"]
+    assert len(guided) >= 10
+    assert all(error("ours", name) == error("plain", name) for name in imatrix if name not in guided)
+    assert all(error("ours", name) < error("plain", name) for name in guided)
+    assert sum(error("ours", name) < error("reversed", name) for name in guided) >= len(guided) - 2
