@@ -3,8 +3,9 @@
 - data/quickstart_dpo/{train,eval}.jsonl (format preference): the prompt asks for a sentence's topic;
   `chosen` is the right topic, `rejected` a wrong one drawn at random (every topic as often), so a
   model must know the topics to prefer `chosen`; the base SmolLM2-135M-Instruct often does not.
-- data/quickstart_grpo/{train,eval}.jsonl (format prompt_only): the same question with the topic as
-  `reference`; rewards (configs/quickstart-grpo.yaml) score a terse, correct answer.
+- data/quickstart_grpo/{train,eval}.jsonl (format prompt_only): the same question asking for a one-word
+  answer, with the topic as `reference`; rewards (configs/quickstart-grpo.yaml) score the right topic
+  word alone. The base answers in a sentence or with a wrong topic most of the time.
 Deterministic (fixed seed).
 
     python scripts/make_preference_data.py
@@ -20,6 +21,7 @@ from make_quickstart_data import QUESTION, TOPICS, sentences  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 N_EVAL = 50
+ONE_WORD = QUESTION.replace("?\n\n", "? Answer with one word.\n\n")
 
 
 def main() -> None:
@@ -31,7 +33,7 @@ def main() -> None:
         prompt = [{"role": "user", "content": QUESTION.format(sentence=sentence)}]
         pairs.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": topic}],
                       "rejected": [{"role": "assistant", "content": rejected}]})
-        prompts.append({"prompt": prompt, "reference": topic})
+        prompts.append({"prompt": [{"role": "user", "content": ONE_WORD.format(sentence=sentence)}], "reference": topic})
     for folder, part in (("quickstart_dpo", pairs), ("quickstart_grpo", prompts)):
         out = ROOT / "data" / folder
         out.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,7 @@ class RewardSection(_Section):
     )
     weight: float = Field(1.0, description="This reward's weight in the sum GRPO ranks the generations by.")
     pattern: Optional[str] = Field(None, description="regex_match / format: the regular expression a completion must match (re.search / re.fullmatch).")
-    target_tokens: Optional[int] = Field(None, gt=0, description="length_penalty: completions up to this many words score 1, longer ones less.")
+    target_tokens: Optional[int] = Field(None, gt=0, description="length_penalty: completions of one up to this many words score 1, longer ones less, an empty one 0.")
 
     @field_validator("function")
     @classmethod

@@ -92,6 +92,7 @@ def test_builtin_rewards_score_what_they_say():
     assert rewards.regex_match_reward([], completions, pattern=r"\bmusic\b") == [0.0, 1.0, 1.0]
     assert rewards.format_reward([], completions, pattern=r"[a-z]+") == [0.0, 1.0, 0.0]
     assert rewards.length_penalty_reward([], completions, target_tokens=2) == [1.0, 1.0, 0.25]
+    assert rewards.length_penalty_reward([], ["", " \n"], target_tokens=2) == [0.0, 0.0]  # stopping at once is no answer
 
 
 @pytest.fixture
