@@ -13,8 +13,10 @@ at the end: one torch thread per worker, test groups, tests that run alone.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -94,6 +96,15 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def load_script(name: str):
+    """scripts/<name>.py imported as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

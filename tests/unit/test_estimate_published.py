@@ -4,20 +4,14 @@ maximum, and the verdicts on Mixtral QLoRA on an 80 GB card follow the experts' 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def results():
-    spec = importlib.util.spec_from_file_location("estimate_published", ROOT / "scripts" / "estimate_published.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["estimate_published"] = module  # its dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
+    module = load_script("estimate_published")
     return [module.evaluate(row) for row in module.ROWS]
 
 
