@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from qlora_cli.errors import ModelError
-from qlora_cli.export import gguf_check, gguf_tokenizer, gguf_writer
+from qlora_cli.export import gguf_arch, gguf_check, gguf_tokenizer
 from qlora_cli.merge import fold
 from tests.conftest import WORDS
 from tests.unit.tiny_run import chat_rows, make_run
@@ -96,7 +96,7 @@ def test_a_file_that_drops_the_window_fails_the_check_past_the_window(tmp_path, 
 
     run = tiny_run(tmp_path, "mistral", sliding_window=WINDOW)
     # The writer as it was: no word about the window, so the file is written and checked.
-    monkeypatch.setattr(gguf_writer, "uncarried_settings", lambda config, arch: [], raising=False)
+    monkeypatch.setattr(gguf_arch, "uncarried_settings", lambda config, arch: [])
     result = fold.run_merge(run, tmp_path / "merged", dtype="fp32", formats="hf,gguf", show_progress=False)
     check = result.report["gguf"]["verification"]
     assert check["logits"]["top1_agreement"] >= 0.99  # the eval rows alone cannot tell
