@@ -132,24 +132,24 @@ def test_listing_moe_experts_or_router_is_one_line(target, recipe_dict, tiny_tok
         adapters.attach(build_family("mixtral", len(tiny_tokenizer)), recipe)
 
 
-def test_a_model_that_is_not_a_causal_lm_is_one_line_before_weights_load(recipe_dict, tmp_path):
-    folder = tmp_path / "t5"
+def config_only_model(folder, config: dict) -> str:
+    """A model folder holding only its config.json: enough for what happens before weights load."""
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 16}))
-    recipe_dict["model"]["path"] = str(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_a_model_that_is_not_a_causal_lm_is_one_line_before_weights_load(recipe_dict, tmp_path):
+    recipe_dict["model"]["path"] = config_only_model(tmp_path / "t5", {"model_type": "t5", "d_model": 16})
     line = one_line_error(invoke("train", write_recipe(tmp_path, recipe_dict)), 4)
     assert "'t5' model, which transformers cannot load as a causal language model" in line
     assert not (tmp_path / "run").exists()
 
 
 def test_an_unknown_model_type_is_one_line(recipe_dict, tmp_path):
-    folder = tmp_path / "odd"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama-but-not-quite", "hidden_size": 16}))
-    recipe_dict["model"]["path"] = str(folder)
+    recipe_dict["model"]["path"] = config_only_model(tmp_path / "odd", {"model_type": "llama-but-not-quite", "hidden_size": 16})
     line = one_line_error(invoke("validate", write_recipe(tmp_path, recipe_dict)), 4)
     assert "model type this transformers does not know" in line and "trust_remote_code" in line
-
 
 
 def test_a_family_outside_the_tested_ones_is_said_to_be_untested_and_still_trains(tiny_tokenizer, tmp_path):
